@@ -1,0 +1,50 @@
+"""pad_moe_transformers: partially dynamic Mixture-of-Experts (PAD-Net) for BERT-family encoders.
+
+Importing the package registers the `pad_moe` model type with the Transformers Auto classes, so
+`AutoConfig` / `AutoModel*` `.from_pretrained` load PAD-MoE checkpoints without `trust_remote_code`.
+"""
+
+from transformers import AutoConfig
+
+from .architectures import PAD_FFN_LAYOUTS, FFNLayout
+from .configuration_pad_moe import SCALE_FACTOR_MODES, PADMoEConfig
+from .modeling_pad_moe import (
+    PAD_MODEL_CLASSES,
+    PADMoEForMaskedLM,
+    PADMoEForQuestionAnswering,
+    PADMoEForSequenceClassification,
+    PADMoEForTokenClassification,
+    PADMoEModel,
+    PADMoEPreTrainedModel,
+    ParameterReport,
+    convert_ffn_to_pad_moe,
+)
+from .moe import PADMoEFeedForward
+from .pad_linear import PADExpertLinear
+from .router import TopKRouter, load_balancing_loss, router_z_loss
+
+__version__ = "0.1.0"
+
+AutoConfig.register(PADMoEConfig.model_type, PADMoEConfig, exist_ok=True)
+for _auto_class, _pad_class in PAD_MODEL_CLASSES.items():
+    _auto_class.register(PADMoEConfig, _pad_class, exist_ok=True)
+
+__all__ = [
+    "PAD_FFN_LAYOUTS",
+    "SCALE_FACTOR_MODES",
+    "FFNLayout",
+    "PADExpertLinear",
+    "PADMoEConfig",
+    "PADMoEFeedForward",
+    "PADMoEForMaskedLM",
+    "PADMoEForQuestionAnswering",
+    "PADMoEForSequenceClassification",
+    "PADMoEForTokenClassification",
+    "PADMoEModel",
+    "PADMoEPreTrainedModel",
+    "ParameterReport",
+    "TopKRouter",
+    "convert_ffn_to_pad_moe",
+    "load_balancing_loss",
+    "router_z_loss",
+]

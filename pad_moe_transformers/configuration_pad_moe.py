@@ -1,0 +1,204 @@
+"""`PADMoEConfig`: a BERT-family config wrapped with the PAD-MoE options.
+
+The config nests the dense base model's config (`base_config`, any of the families in
+`architectures.PAD_FFN_LAYOUTS`) and adds the fields that turn its feed-forward blocks into
+partially dynamic Mixture-of-Experts layers (PAD-Net, He et al. 2023, eq. 4).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .architectures import PAD_FFN_LAYOUTS
+
+SCALE_FACTOR_MODES = ("sum2", "none", "static_only", "dynamic_only", "free")
+"""Ways to scale the dynamic and static parts of eq. 4 (paper Table 4):
+
+- ``"sum2"``: trainable ``l_d = 2 * sigmoid(phi)``, ``l_s = 2 - l_d`` (both 1 at init) -- the paper's choice.
+- ``"none"``: ``l_d = l_s = 1``, nothing trainable.
+- ``"static_only"``: only ``l_s`` is trainable (init 1), ``l_d = 1``.
+- ``"dynamic_only"``: only ``l_d`` is trainable (init 1), ``l_s = 1``.
+- ``"free"``: ``l_s`` and ``l_d`` both trainable and unconstrained (init 1).
+"""
+
+PARTITION_GRANULARITIES = ("element",)
+
+# Arguments of `from_base` that describe the task head; they go to the nested base config,
+# which the head reads, and are mirrored on the PAD config, which Trainer/pipelines read.
+_HEAD_FIELDS = ("num_labels", "id2label", "label2id", "problem_type")
+
+
+class PADMoEConfig(PreTrainedConfig):
+    r"""Configuration of a PAD-MoE model: a dense BERT-family encoder whose FFN blocks are
+    replaced by partially dynamic Mixture-of-Experts layers.
+
+    Args:
+        base_config (`PreTrainedConfig` or `dict`):
+            Config of the dense model that is upcycled (bert, roberta, xlm-roberta, electra, albert,
+            distilbert). Build it with [`PADMoEConfig.from_base`] rather than by hand.
+        num_experts (`int`, defaults to 8):
+            Experts per MoE layer. Each expert is a whole FFN (input linear -> activation -> output linear).
+        num_experts_per_tok (`int`, defaults to 2):
+            Experts selected per token (top-k). Their gates are renormalised to sum to 1.
+        dynamic_ratio (`float`, defaults to 0.5):
+            Target fraction ``kappa`` of each FFN weight that stays dynamic (per expert) after mode partition.
+            A model is fully dynamic (a plain MoE) until a partition sets its masks.
+        scale_factor_mode (`str`, defaults to `"sum2"`):
+            One of ``"sum2"``, ``"none"``, ``"static_only"``, ``"dynamic_only"``, ``"free"`` (see `SCALE_FACTOR_MODES`).
+        router_aux_loss_coef (`float`, defaults to 0.01):
+            Weight of the Switch-style load-balancing loss added to the task loss when labels are given.
+            The loss is 1.0 for perfectly balanced routing.
+        router_z_loss_coef (`float`, defaults to 0.0):
+            Weight of the router z-loss (mean squared log-sum-exp of the router logits).
+        router_jitter_noise (`float`, defaults to 0.0):
+            In training, router inputs are multiplied by ``U(1 - eps, 1 + eps)`` noise.
+        moe_layers (`list[int]`, *optional*):
+            Indices of the transformer layers whose FFN becomes a PAD-MoE layer; all layers when `None`.
+            For ALBERT the indices refer to the distinct (shared) layers, not to the depth.
+        partition_granularity (`str`, defaults to `"element"`):
+            What one mask entry selects: ``"element"`` (one weight element).
+        partition (`dict`, *optional*):
+            Metadata of the mode partition that produced the masks (method, achieved ratios, ...);
+            `None` while the model is fully dynamic. Written by the partition code, not by users.
+        output_router_logits (`bool`, defaults to `False`):
+            Return the per-layer router logits in the model outputs.
+    """
+
+    model_type = "pad_moe"
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
+    # Keys of the outputs that Trainer must not treat as predictions.
+    keys_to_ignore_at_inference: ClassVar[list[str]] = [
+        "aux_loss",
+        "z_loss",
+        "router_logits",
+        "hidden_states",
+        "attentions",
+    ]
+
+    base_config: dict | PreTrainedConfig | None = None
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    dynamic_ratio: float | int = 0.5
+    scale_factor_mode: str = "sum2"
+    router_aux_loss_coef: float | int = 0.01
+    router_z_loss_coef: float | int = 0.0
+    router_jitter_noise: float | int = 0.0
+    moe_layers: list[int] | None = None
+    partition_granularity: str = "element"
+    partition: dict | None = None
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_pad_fields()
+
+    def validate_pad_fields(self) -> None:
+        """Raise a `ValueError` naming the field and the allowed values for any invalid PAD field."""
+        base_type = getattr(self.base_config, "model_type", None)
+        if base_type not in PAD_FFN_LAYOUTS:
+            raise ValueError(
+                f"base_config.model_type={base_type!r} has no PAD-MoE FFN mapping; supported model types: "
+                f"{sorted(PAD_FFN_LAYOUTS)}."
+            )
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}.")
+        k = self.num_experts_per_tok
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be an integer in [1, num_experts={self.num_experts}], got {k!r}."
+            )
+        if not 0.0 < float(self.dynamic_ratio) <= 1.0:
+            raise ValueError(f"dynamic_ratio must be in (0, 1], got {self.dynamic_ratio!r}.")
+        if self.scale_factor_mode not in SCALE_FACTOR_MODES:
+            raise ValueError(
+                f"scale_factor_mode must be one of {list(SCALE_FACTOR_MODES)}, got {self.scale_factor_mode!r}."
+            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+        if float(self.router_jitter_noise) >= 1:
+            raise ValueError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise!r}.")
+        if self.partition_granularity not in PARTITION_GRANULARITIES:
+            raise ValueError(
+                f"partition_granularity must be one of {list(PARTITION_GRANULARITIES)}, "
+                f"got {self.partition_granularity!r}."
+            )
+        if self.moe_layers is not None:
+            if len(self.moe_layers) == 0 or len(set(self.moe_layers)) != len(self.moe_layers):
+                raise ValueError(f"moe_layers must be a non-empty list of distinct layer indices, got {self.moe_layers!r}.")
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.moe_layers):
+                raise ValueError(f"moe_layers must hold non-negative integers, got {self.moe_layers!r}.")
+
+    @classmethod
+    def from_base(
+        cls,
+        pretrained_model_name_or_path: str | PreTrainedConfig,
+        *,
+        num_experts: int = 8,
+        num_experts_per_tok: int = 2,
+        dynamic_ratio: float = 0.5,
+        hub_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> "PADMoEConfig":
+        """Build a PAD config around the config of a dense checkpoint (a path, a hub id or a config).
+
+        Keyword arguments that are PAD fields configure the MoE layers; task-head arguments
+        (`num_labels`, `id2label`, `label2id`, `problem_type`) go to the base config and are mirrored;
+        any other keyword overrides a base-config attribute (e.g. `hidden_dropout_prob=0.0`).
+
+        Example:
+            ```python
+            config = PADMoEConfig.from_base("bert-base-uncased", dynamic_ratio=0.5, num_labels=2)
+            ```
+        """
+        if isinstance(pretrained_model_name_or_path, PreTrainedConfig):
+            base = pretrained_model_name_or_path.__class__.from_dict(pretrained_model_name_or_path.to_dict())
+        else:
+            base = AutoConfig.from_pretrained(pretrained_model_name_or_path, **(hub_kwargs or {}))
+        if base.model_type == cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} is already a PAD-MoE checkpoint; load it with "
+                "`AutoModel*.from_pretrained` directly instead of `PADMoEConfig.from_base`."
+            )
+        pad_fields = {f for f in cls.__dataclass_fields__ if f not in PreTrainedConfig.__dataclass_fields__}
+        pad_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in pad_fields}
+        head_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HEAD_FIELDS}
+        for key, value in kwargs.items():
+            if not hasattr(base, key):
+                raise ValueError(
+                    f"Unknown argument {key!r}: it is neither a PAD-MoE field ({sorted(pad_fields)}) "
+                    f"nor an attribute of the {base.model_type} config."
+                )
+            setattr(base, key, value)
+        _apply_head_fields(base, head_kwargs)
+        config = cls(
+            base_config=base,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            dynamic_ratio=dynamic_ratio,
+            **pad_kwargs,
+        )
+        _apply_head_fields(config, {k: getattr(base, k) for k in ("id2label", "label2id", "problem_type")})
+        return config
+
+    @property
+    def base_model_type(self) -> str:
+        return self.base_config.model_type
+
+    @property
+    def is_partitioned(self) -> bool:
+        return self.partition is not None
+
+
+def _apply_head_fields(config: PreTrainedConfig, fields: dict[str, Any]) -> None:
+    # `num_labels` rebuilds id2label/label2id, so it goes first and explicit maps override it.
+    if "num_labels" in fields:
+        config.num_labels = fields["num_labels"]
+    for key in ("id2label", "label2id", "problem_type"):
+        if key in fields and fields[key] is not None:
+            setattr(config, key, dict(fields[key]) if isinstance(fields[key], dict) else fields[key])
+    if isinstance(config.id2label, dict):
+        config.id2label = {int(k): v for k, v in config.id2label.items()}

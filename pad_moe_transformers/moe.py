@@ -1,0 +1,150 @@
+"""`PADMoEFeedForward`: the PAD-MoE layer that replaces a dense FFN block.
+
+    x (B, S, H) --router--> top-k experts and gates per token
+      --group tokens by expert--> per expert e: act(x_e W1_e^T + b1_e) W2_e^T + b2_e   (W*_e from eq. 4)
+      --gate-weighted scatter-add--> y (B, S, H)
+
+Only the selected experts are computed, on the tokens routed to them (one matmul pair per expert
+that received tokens, no per-token Python work). Padding tokens (attention mask 0) are not routed:
+their FFN output is zero and they count neither in the auxiliary losses nor in expert usage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .pad_linear import PADExpertLinear
+from .router import TopKRouter, load_balancing_loss, router_z_loss
+
+
+@dataclass
+class RouterRecord:
+    """What one call of a MoE layer leaves for the model to collect."""
+
+    logits: Tensor
+    """`(N_real, E)` fp32 router logits of the non-padding tokens."""
+    aux_loss: Tensor
+    z_loss: Tensor
+
+
+class PADMoEFeedForward(nn.Module):
+    def __init__(
+        self,
+        fc_in: PADExpertLinear,
+        activation: nn.Module,
+        fc_out: PADExpertLinear,
+        router: TopKRouter,
+    ) -> None:
+        super().__init__()
+        self.router = router
+        self.fc_in = fc_in
+        self.activation = activation
+        self.fc_out = fc_out
+        self.num_experts = router.num_experts
+        # (B, S) attention mask of the current forward, set by the PAD model; None = all tokens are real.
+        self.token_mask: Tensor | None = None
+        # Router records of the calls since the model last cleared them (ALBERT calls one layer many times).
+        self.router_records: list[RouterRecord] = []
+        self.register_buffer("expert_counts", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def from_dense(
+        cls,
+        fc_in: nn.Linear,
+        activation: nn.Module,
+        fc_out: nn.Linear,
+        *,
+        num_experts: int,
+        num_experts_per_tok: int,
+        scale_factor_mode: str = "sum2",
+        router_jitter_noise: float = 0.0,
+        router_init_std: float = 0.02,
+    ) -> "PADMoEFeedForward":
+        """Upcycle a dense FFN: each expert and the static weights start equal to it; the router is random."""
+        router = TopKRouter(
+            fc_in.in_features,
+            num_experts,
+            num_experts_per_tok,
+            router_jitter_noise,
+            device=fc_in.weight.device,
+            dtype=fc_in.weight.dtype,
+        )
+        if fc_in.weight.device.type != "meta":
+            router.reset_parameters(router_init_std)
+        return cls(
+            PADExpertLinear.from_dense(fc_in, num_experts, scale_factor_mode),
+            activation,
+            PADExpertLinear.from_dense(fc_out, num_experts, scale_factor_mode),
+            router,
+        )
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])  # (N, H)
+        real = self._real_token_index(shape)  # (N_real,) or None
+        x_routed = x if real is None else x[real]
+
+        decision = self.router(x_routed)
+        self.router_records.append(
+            RouterRecord(
+                logits=decision.logits,
+                aux_loss=load_balancing_loss(decision.probs, decision.experts, self.num_experts),
+                z_loss=router_z_loss(decision.logits),
+            )
+        )
+        with torch.no_grad():
+            self.expert_counts += torch.bincount(decision.experts.reshape(-1), minlength=self.num_experts)
+
+        y_routed = self._experts_forward(x_routed, decision.gates, decision.experts)
+        if real is None:
+            return y_routed.reshape(shape)
+        y = x.new_zeros(x.shape)
+        y[real] = y_routed
+        return y.reshape(shape)
+
+    def _real_token_index(self, shape: torch.Size) -> Tensor | None:
+        mask = self.token_mask
+        if mask is None or tuple(mask.shape) != tuple(shape[:-1]) or bool(mask.all()):
+            return None
+        return mask.reshape(-1).nonzero(as_tuple=True)[0]
+
+    def _experts_forward(self, x: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
+        """`x` `(N, H)`, `gates`/`experts` `(N, k)` -> gate-weighted sum of the selected experts `(N, H)`."""
+        num_tokens, k = experts.shape
+        flat_experts = experts.reshape(-1)  # (N*k,)
+        order = torch.argsort(flat_experts, stable=True)
+        token_of_slot = torch.arange(num_tokens, device=x.device).repeat_interleave(k)[order]
+        gate_of_slot = gates.reshape(-1)[order]
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+
+        static_in, static_out = self.fc_in.static_term(), self.fc_out.static_term()
+        x_sorted = x[token_of_slot]  # (N*k, H), grouped by expert
+        outputs = []
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            x_e = x_sorted[start : start + count]
+            h = nn.functional.linear(
+                x_e, self.fc_in.expert_weight_eff(expert, static_in), self.fc_in.expert_bias_of(expert)
+            )
+            h = self.activation(h)
+            outputs.append(
+                nn.functional.linear(
+                    h, self.fc_out.expert_weight_eff(expert, static_out), self.fc_out.expert_bias_of(expert)
+                )
+            )
+            start += count
+        if not outputs:
+            return x.new_zeros(x.shape)
+        y_sorted = torch.cat(outputs) * gate_of_slot.unsqueeze(-1).to(x.dtype)
+        return x.new_zeros(x.shape).index_add_(0, token_of_slot, y_sorted)
+
+    def pad_linears(self) -> dict[str, PADExpertLinear]:
+        return {"fc_in": self.fc_in, "fc_out": self.fc_out}
+
+    def reset_expert_usage(self) -> None:
+        self.expert_counts.zero_()

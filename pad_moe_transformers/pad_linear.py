@@ -1,0 +1,126 @@
+"""`PADExpertLinear`: the weights of one FFN linear for all experts of a PAD-MoE layer (eq. 4).
+
+Expert ``i``'s computational weight is
+
+    W_eff_i = l_d * M * W_i + l_s * (1 - M) * W_static
+
+with one binary mask ``M`` and one static weight ``W_static`` shared by all experts of the linear,
+and scale factors ``(l_s, l_d)`` whose parametrisation depends on ``scale_factor_mode``.
+Biases are per expert and fully dynamic (they are not partitioned: ``E * out`` values, <0.1% of
+the linear); they are upcycled from the dense bias like the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class PADExpertLinear(nn.Module):
+    """Stacked expert weights `(E, out, in)`, the shared static weight `(out, in)`, the mask and the scales.
+
+    Gradients follow eq. 4: the dynamic entries of ``W_i`` (``M = 1``) and the static entries of
+    ``W_static`` (``M = 0``) receive gradient, the others receive exactly zero.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_experts: int,
+        scale_factor_mode: str = "sum2",
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_experts = num_experts
+        self.scale_factor_mode = scale_factor_mode
+        self.expert_weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
+        self.static_weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.expert_bias = nn.Parameter(torch.zeros(num_experts, out_features, **factory)) if bias else None
+        # True = dynamic (per expert), False = static (shared). All dynamic until a partition runs.
+        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
+        if scale_factor_mode == "sum2":
+            self.scale_logit = nn.Parameter(torch.zeros((), **factory))  # phi; l_d = 2 sigmoid(phi)
+        elif scale_factor_mode in ("static_only", "free"):
+            self.lambda_static = nn.Parameter(torch.ones((), **factory))
+        if scale_factor_mode in ("dynamic_only", "free"):
+            self.lambda_dynamic = nn.Parameter(torch.ones((), **factory))
+        # Set by the partition code while scoring: a float relaxation of `mask` that requires grad.
+        self.soft_mask: Tensor | None = None
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, num_experts: int, scale_factor_mode: str = "sum2"
+    ) -> "PADExpertLinear":
+        """Upcycle a dense linear: every expert and the static weight start as copies of it."""
+        weight = linear.weight
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            num_experts,
+            scale_factor_mode,
+            bias=linear.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            module.expert_weight.copy_(weight.detach().unsqueeze(0).expand_as(module.expert_weight))
+            module.static_weight.copy_(weight.detach())
+            if linear.bias is not None:
+                module.expert_bias.copy_(linear.bias.detach().unsqueeze(0).expand_as(module.expert_bias))
+        return module
+
+    def scale_factors(self) -> tuple[Tensor, Tensor]:
+        """Return `(l_s, l_d)` as 0-d tensors."""
+        mode = self.scale_factor_mode
+        if mode == "sum2":
+            l_d = 2.0 * torch.sigmoid(self.scale_logit)
+            return 2.0 - l_d, l_d
+        one = torch.ones((), device=self.static_weight.device, dtype=self.static_weight.dtype)
+        l_s = self.lambda_static if mode in ("static_only", "free") else one
+        l_d = self.lambda_dynamic if mode in ("dynamic_only", "free") else one
+        return l_s, l_d
+
+    def static_term(self) -> Tensor:
+        """`l_s * (1 - M) * W_static`, shape `(out, in)`: computed once per forward, shared by all experts."""
+        l_s, _ = self.scale_factors()
+        if self.soft_mask is not None:
+            return l_s * (1.0 - self.soft_mask) * self.static_weight
+        return torch.where(self.mask, 0.0, l_s * self.static_weight)
+
+    def expert_weight_eff(self, expert: int, static_term: Tensor | None = None) -> Tensor:
+        """Eq. 4 for one expert, shape `(out, in)`."""
+        if static_term is None:
+            static_term = self.static_term()
+        _, l_d = self.scale_factors()
+        if self.soft_mask is not None:
+            return l_d * self.soft_mask * self.expert_weight[expert] + static_term
+        # `where` instead of `M * W`: same values and gradients for a binary mask, no extra multiply.
+        return torch.where(self.mask, l_d * self.expert_weight[expert], static_term)
+
+    def merged_weights(self) -> Tensor:
+        """Eq. 4 for all experts at once, shape `(E, out, in)`."""
+        static_term = self.static_term()
+        return torch.stack([self.expert_weight_eff(e, static_term) for e in range(self.num_experts)])
+
+    def expert_bias_of(self, expert: int) -> Tensor | None:
+        return None if self.expert_bias is None else self.expert_bias[expert]
+
+    # --- bookkeeping used by the parameter report and the partition code -------------------
+    def num_dynamic(self) -> int:
+        """Dynamic weight entries of one expert (`nnz(M)`)."""
+        return int(self.mask.sum())
+
+    def dynamic_ratio(self) -> float:
+        return self.num_dynamic() / self.mask.numel()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"scale_factor_mode={self.scale_factor_mode!r}, bias={self.expert_bias is not None}"
+        )

@@ -1,0 +1,84 @@
+"""Top-k token router and its auxiliary losses.
+
+The router always runs in fp32 (also under autocast and for bf16 weights): a softmax over all
+experts, the top-k experts per token, and their gates renormalised to sum to 1 -- with equal
+experts, the MoE output then equals the dense FFN output exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class RoutingDecision:
+    logits: Tensor
+    """`(N, E)` fp32 router logits."""
+    probs: Tensor
+    """`(N, E)` fp32 softmax over all experts."""
+    gates: Tensor
+    """`(N, k)` fp32 weights of the selected experts, summing to 1 per token."""
+    experts: Tensor
+    """`(N, k)` int64 indices of the selected experts."""
+
+
+class TopKRouter(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        num_experts_per_tok: int,
+        jitter_noise: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k_experts = num_experts_per_tok
+        self.jitter_noise = jitter_noise
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, device=device, dtype=dtype))
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+    def forward(self, hidden_states: Tensor) -> RoutingDecision:
+        """`hidden_states`: `(N, H)` tokens -> routing decision for each token."""
+        with torch.autocast(device_type=hidden_states.device.type, enabled=False):
+            x = hidden_states.float()
+            if self.training and self.jitter_noise > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            logits = F.linear(x, self.weight.float())
+            probs = logits.softmax(dim=-1)
+            top_probs, experts = probs.topk(self.top_k_experts, dim=-1)
+            gates = top_probs / top_probs.sum(dim=-1, keepdim=True)
+        return RoutingDecision(logits=logits, probs=probs, gates=gates, experts=experts)
+
+
+def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Tensor:
+    """Switch-Transformer load-balancing loss, extended to top-k.
+
+    ``loss = E * sum_e f_e * P_e`` where ``f_e`` is the fraction of the ``N * k`` token-to-expert
+    assignments that go to expert ``e`` and ``P_e`` the mean router probability of ``e``.
+    It is 1.0 for perfectly balanced routing and ``E`` when every token picks the same expert
+    with probability 1.
+
+    Args:
+        probs: `(N, E)` router probabilities of the (non-padding) tokens.
+        experts: `(N, k)` selected expert indices of the same tokens.
+    """
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
+    fraction = counts / experts.numel()
+    return num_experts * torch.sum(fraction * probs.mean(dim=0))
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE z-loss: mean over tokens of ``logsumexp(logits)^2``; keeps router logits small."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).square().mean()
