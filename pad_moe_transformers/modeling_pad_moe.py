@@ -263,9 +263,10 @@ class PADMoEPreTrainedModel(PreTrainedModel):
                 loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.dtype)
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        fields = {k: v for k, v in outputs.items() if k != "loss"}
+        fields = dict(outputs.items())
+        if loss is not None:
+            fields["loss"] = loss
         return _pad_output_class(type(outputs))(
-            loss=loss,
             **fields,
             aux_loss=aux_loss,
             z_loss=z_loss,

@@ -1,0 +1,94 @@
+"""Eq. 4 of the paper, checked against an independent computation, and where gradients go."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pad_moe_transformers import PADExpertLinear
+
+
+def _random_pad_linear(mode: str, num_experts: int = 3, out_features: int = 5, in_features: int = 4) -> PADExpertLinear:
+    linear = PADExpertLinear(in_features, out_features, num_experts, scale_factor_mode=mode)
+    with torch.no_grad():
+        linear.expert_weight.normal_()
+        linear.static_weight.normal_()
+        linear.expert_bias.normal_()
+        linear.mask.copy_(torch.rand(out_features, in_features) < 0.5)
+        for name, param in linear.named_parameters():
+            if name in ("scale_logit", "lambda_static", "lambda_dynamic"):
+                param.copy_(torch.rand(()) * 2 - 0.5)
+    return linear
+
+
+def _reference_scales(linear: PADExpertLinear) -> tuple[float, float]:
+    mode = linear.scale_factor_mode
+    if mode == "sum2":
+        l_d = 2 / (1 + torch.exp(-linear.scale_logit.detach())).item()
+        return 2 - l_d, l_d
+    l_s = linear.lambda_static.item() if mode in ("static_only", "free") else 1.0
+    l_d = linear.lambda_dynamic.item() if mode in ("dynamic_only", "free") else 1.0
+    return l_s, l_d
+
+
+@pytest.mark.parametrize("mode", ["sum2", "none", "static_only", "dynamic_only", "free"])
+def test_eq4_matches_independent_computation(mode):
+    linear = _random_pad_linear(mode)
+    l_s, l_d = _reference_scales(linear)
+    mask = linear.mask.double()
+    for expert in range(linear.num_experts):
+        expected = l_d * mask * linear.expert_weight[expert].double() + l_s * (1 - mask) * linear.static_weight.double()
+        torch.testing.assert_close(linear.expert_weight_eff(expert).double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        linear.merged_weights(), torch.stack([linear.expert_weight_eff(e) for e in range(linear.num_experts)])
+    )
+
+
+def test_sum2_scales_start_at_one_and_sum_to_two():
+    linear = PADExpertLinear(4, 5, 2, scale_factor_mode="sum2")
+    l_s, l_d = linear.scale_factors()
+    assert l_s.item() == pytest.approx(1.0) and l_d.item() == pytest.approx(1.0)
+    with torch.no_grad():
+        linear.scale_logit.fill_(1.3)
+    l_s, l_d = linear.scale_factors()
+    assert (l_s + l_d).item() == pytest.approx(2.0)
+    assert l_d.item() > 1.0
+
+
+def test_soft_mask_path_equals_binary_path():
+    linear = _random_pad_linear("sum2")
+    hard = [linear.expert_weight_eff(e).detach() for e in range(linear.num_experts)]
+    linear.soft_mask = linear.mask.float().requires_grad_(True)
+    soft = [linear.expert_weight_eff(e) for e in range(linear.num_experts)]
+    for h, s in zip(hard, soft):
+        torch.testing.assert_close(h, s.detach())
+    sum(s.sum() for s in soft).backward()
+    assert linear.soft_mask.grad is not None and linear.soft_mask.grad.abs().sum() > 0
+
+
+def test_gradients_reach_only_dynamic_expert_and_static_entries():
+    linear = _random_pad_linear("sum2")
+    x = torch.randn(7, linear.in_features)
+    loss = sum(
+        nn.functional.linear(x, linear.expert_weight_eff(e), linear.expert_bias_of(e)).square().sum()
+        for e in range(linear.num_experts)
+    )
+    loss.backward()
+    mask = linear.mask
+    expert_grad = linear.expert_weight.grad
+    assert torch.all(expert_grad[:, ~mask] == 0), "experts must get no gradient where M = 0"
+    assert torch.all(expert_grad[:, mask] != 0), "experts must get gradient where M = 1"
+    assert torch.all(linear.static_weight.grad[mask] == 0), "static weight must get no gradient where M = 1"
+    assert torch.all(linear.static_weight.grad[~mask] != 0), "static weight must get gradient where M = 0"
+    assert linear.scale_logit.grad is not None and linear.scale_logit.grad.abs() > 0
+    assert "mask" not in dict(linear.named_parameters()), "the mask is a buffer, never trained"
+
+
+def test_upcycled_linear_equals_dense_for_any_mask():
+    dense = nn.Linear(6, 5)
+    linear = PADExpertLinear.from_dense(dense, num_experts=4)
+    linear.mask.copy_(torch.rand(5, 6) < 0.3)
+    for expert in range(4):
+        torch.testing.assert_close(linear.expert_weight_eff(expert), dense.weight.detach())
+        torch.testing.assert_close(linear.expert_bias_of(expert), dense.bias.detach())
