@@ -120,7 +120,7 @@ class PADMoEFeedForward(nn.Module):
         gate_of_slot = gates.reshape(-1)[order]
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
 
-        static_in, static_out = self.fc_in.static_term(), self.fc_out.static_term()
+        weight_in, weight_out = self._expert_weights()
         x_sorted = x[token_of_slot]  # (N*k, H), grouped by expert
         outputs = []
         start = 0
@@ -128,20 +128,30 @@ class PADMoEFeedForward(nn.Module):
             if count == 0:
                 continue
             x_e = x_sorted[start : start + count]
-            h = nn.functional.linear(
-                x_e, self.fc_in.expert_weight_eff(expert, static_in), self.fc_in.expert_bias_of(expert)
-            )
-            h = self.activation(h)
-            outputs.append(
-                nn.functional.linear(
-                    h, self.fc_out.expert_weight_eff(expert, static_out), self.fc_out.expert_bias_of(expert)
-                )
-            )
+            h = self.activation(nn.functional.linear(x_e, weight_in(expert), self.fc_in.expert_bias_of(expert)))
+            outputs.append(nn.functional.linear(h, weight_out(expert), self.fc_out.expert_bias_of(expert)))
             start += count
         if not outputs:
             return x.new_zeros(x.shape)
         y_sorted = torch.cat(outputs) * gate_of_slot.unsqueeze(-1).to(x.dtype)
         return x.new_zeros(x.shape).index_add_(0, token_of_slot, y_sorted)
+
+    def _expert_weights(self):
+        """Two callables `expert -> (out, in)` weight of eq. 4 for fc_in and fc_out.
+
+        Under inference (eval mode, no autograd) the merged weights of all experts are cached and
+        reused, so a PAD layer costs what a plain MoE layer costs. Otherwise the static term is
+        formed once per forward and each expert's weight once, only for experts that got tokens.
+        """
+        if not self.training and not torch.is_grad_enabled() and self.fc_in.soft_mask is None:
+            merged_in = self.fc_in.merged_weights_for_inference()
+            merged_out = self.fc_out.merged_weights_for_inference()
+            return merged_in.__getitem__, merged_out.__getitem__
+        static_in, static_out = self.fc_in.static_term(), self.fc_out.static_term()
+        return (
+            lambda e: self.fc_in.expert_weight_eff(e, static_in),
+            lambda e: self.fc_out.expert_weight_eff(e, static_out),
+        )
 
     def pad_linears(self) -> dict[str, PADExpertLinear]:
         return {"fc_in": self.fc_in, "fc_out": self.fc_out}

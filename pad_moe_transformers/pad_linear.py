@@ -52,6 +52,8 @@ class PADExpertLinear(nn.Module):
             self.lambda_dynamic = nn.Parameter(torch.ones((), **factory))
         # Set by the partition code while scoring: a float relaxation of `mask` that requires grad.
         self.soft_mask: Tensor | None = None
+        # Inference cache of `merged_weights()`, keyed by the identity and version of every input tensor.
+        self._merged_cache: tuple[tuple, Tensor] | None = None
 
     @classmethod
     def from_dense(
@@ -107,6 +109,24 @@ class PADExpertLinear(nn.Module):
         """Eq. 4 for all experts at once, shape `(E, out, in)`."""
         static_term = self.static_term()
         return torch.stack([self.expert_weight_eff(e, static_term) for e in range(self.num_experts)])
+
+    def merged_weights_for_inference(self) -> Tensor:
+        """`merged_weights()` computed once and reused while no input tensor changes.
+
+        The cache key holds the storage pointer, dtype and in-place version counter of the expert and
+        static weights, the mask and the scale factors, so an optimizer step, `load_state_dict`, a mask
+        update or `.to()` all invalidate it; `train()` drops it too. Only valid without autograd.
+        """
+        tensors = [self.mask, *self.parameters(recurse=False)]
+        key = tuple((t.data_ptr(), t.dtype, t.device, t._version) for t in tensors)
+        if self._merged_cache is None or self._merged_cache[0] != key:
+            with torch.no_grad():
+                self._merged_cache = (key, self.merged_weights())
+        return self._merged_cache[1]
+
+    def train(self, mode: bool = True) -> "PADExpertLinear":
+        self._merged_cache = None
+        return super().train(mode)
 
     def expert_bias_of(self, expert: int) -> Tensor | None:
         return None if self.expert_bias is None else self.expert_bias[expert]

@@ -69,3 +69,47 @@ def test_gradients_flow_to_router_and_experts():
     assert moe.router.weight.grad.abs().sum() > 0
     assert moe.fc_in.expert_weight.grad.abs().sum() > 0
     assert moe.fc_out.static_weight.grad.abs().sum() > 0
+
+
+def test_inference_cache_matches_and_invalidates():
+    moe = _random_layer().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        cached = moe(x)
+        assert moe.fc_in._merged_cache is not None
+        first = moe.fc_in._merged_cache[1]
+        moe(x)
+        assert moe.fc_in._merged_cache[1] is first, "unchanged weights must reuse the cached merge"
+        torch.testing.assert_close(cached.double(), _reference(moe, x), rtol=1e-5, atol=1e-5)
+        # An in-place update (as an optimizer step does) must invalidate the cache.
+        moe.fc_in.expert_weight.mul_(1.5)
+        moe.fc_out.mask.logical_not_()
+        torch.testing.assert_close(moe(x).double(), _reference(moe, x), rtol=1e-5, atol=1e-5)
+    moe.train()
+    assert moe.fc_in._merged_cache is None
+    with torch.enable_grad():  # with autograd the cache is not used: gradients must reach the weights
+        moe.eval()(x).sum().backward()
+    assert moe.fc_in.expert_weight.grad is not None
+
+
+def test_inference_cache_tracks_optimizer_steps():
+    moe = _random_layer()
+    optimizer = torch.optim.AdamW(moe.parameters(), lr=0.1)
+    x = torch.randn(2, 5, 8)
+    for _ in range(2):
+        moe.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(moe(x).double(), _reference(moe, x), rtol=1e-5, atol=1e-5)
+        moe.train()
+        moe(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    moe.eval()
+    with torch.no_grad():  # no train() call in between: the version counters alone must catch the step
+        moe(x)
+        moe.train(False)
+        moe(x).square().mean()
+        optimizer.step()  # grads are None -> nothing changes, cache stays valid
+        for p in moe.parameters():
+            p.add_(0.01)
+        torch.testing.assert_close(moe(x).double(), _reference(moe, x), rtol=1e-5, atol=1e-5)
