@@ -1,11 +1,11 @@
-"""Speed and memory of dense FFN vs plain MoE vs element-wise PAD-MoE, measured in one run.
+"""Speed and memory of dense FFN vs plain MoE vs element-wise and neuron-structured PAD-MoE, in one run.
 
     python benchmarks/speed.py [--repeats 7] [--out benchmarks/results/speed.json]
 
 Measures, on a MiniLM-sized model (6 layers, hidden 384, FFN 1536, 8 experts, top-2, kappa 0.5)
 and on one BERT-base-sized layer (hidden 768, FFN 3072):
-- FFN layer forward (batch 32 x 128 tokens), training mode (weights of eq. 4 formed each call)
-  and inference mode (eval + no_grad: merged weights cached);
+- FFN layer forward (batch 32 x 128 tokens), training mode (weights of eq. 4 formed each call),
+  forward + backward, and inference mode (eval + no_grad: merged weights cached);
 - a full training step of the whole model (forward + backward + AdamW, batch 32 x 128);
 - whole-model inference at batch 1 and batch 32 (sequence 128);
 - peak resident memory of a process that builds the model and runs 2 training steps.
@@ -50,14 +50,39 @@ def partition_randomly(moe: pmt.PADMoEFeedForward, kappa: float, seed: int = 0) 
         linear.mask.copy_(torch.rand(linear.mask.shape, generator=generator) < kappa)
 
 
+def partition_neurons_randomly(moe: pmt.PADMoEFeedForward, kappa: float, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    num_neurons = moe.fc_in.out_features
+    neurons = torch.zeros(num_neurons, dtype=torch.bool)
+    neurons[torch.randperm(num_neurons, generator=generator)[: round(kappa * num_neurons)]] = True
+    moe.set_neuron_mask(neurons)
+
+
+KINDS = ("dense", "moe", "pad", "pad_neuron")
+"""dense FFN; plain MoE; element-wise PAD (the paper); neuron-structured PAD."""
+
+
+def _granularity(kind: str) -> str:
+    return "neuron" if kind == "pad_neuron" else "element"
+
+
+def _partition(kind: str, moe: pmt.PADMoEFeedForward, kappa: float, seed: int) -> None:
+    if kind == "moe":
+        moe.__class__ = PlainMoEFeedForward
+    elif kind == "pad":
+        partition_randomly(moe, kappa, seed)
+    elif kind == "pad_neuron":
+        partition_neurons_randomly(moe, kappa, seed)
+
+
 def make_ffn(kind: str, hidden: int, inter: int, kappa: float = 0.5) -> nn.Module:
     fc_in, fc_out = nn.Linear(hidden, inter), nn.Linear(inter, hidden)
     if kind == "dense":
         return nn.Sequential(fc_in, nn.GELU(), fc_out)
-    cls = PlainMoEFeedForward if kind == "moe" else pmt.PADMoEFeedForward
-    moe = cls.from_dense(fc_in, nn.GELU(), fc_out, num_experts=8, num_experts_per_tok=2)
-    if kind == "pad":
-        partition_randomly(moe, kappa)
+    moe = pmt.PADMoEFeedForward.from_dense(
+        fc_in, nn.GELU(), fc_out, num_experts=8, num_experts_per_tok=2, partition_granularity=_granularity(kind)
+    )
+    _partition(kind, moe, kappa, seed=0)
     return moe
 
 
@@ -65,12 +90,10 @@ def make_model(kind: str, kappa: float = 0.5) -> nn.Module:
     base = BertConfig(**MINILM, num_labels=2)
     if kind == "dense":
         return BertForSequenceClassification(base)
-    model = pmt.PADMoEForSequenceClassification(pmt.PADMoEConfig(base_config=base, num_experts=8))
+    config = pmt.PADMoEConfig(base_config=base, num_experts=8, partition_granularity=_granularity(kind))
+    model = pmt.PADMoEForSequenceClassification(config)
     for index, moe in enumerate(model.moe_layers):
-        if kind == "moe":
-            moe.__class__ = PlainMoEFeedForward
-        else:
-            partition_randomly(moe, kappa, seed=index)
+        _partition(kind, moe, kappa, seed=index)
     return model
 
 
@@ -88,15 +111,16 @@ def median_time(fn, repeats: int, warmup: int = 2) -> float:
 def bench_layer(hidden: int, inter: int, repeats: int) -> dict:
     x = torch.randn(BATCH, SEQ, hidden)
     results = {}
-    for kind in ("dense", "moe", "pad"):
+    for kind in KINDS:
         torch.manual_seed(0)
         ffn = make_ffn(kind, hidden, inter)
         ffn.train()
         with torch.no_grad():
-            results[f"{kind}_forward_train_mode_s"] = median_time(lambda: ffn(x), repeats)
+            results[f"{kind}__forward_train_mode_s"] = median_time(lambda: ffn(x), repeats)
+        results[f"{kind}__forward_backward_s"] = median_time(lambda: ffn(x).sum().backward(), repeats)
         ffn.eval()
         with torch.no_grad():
-            results[f"{kind}_forward_inference_s"] = median_time(lambda: ffn(x), repeats)
+            results[f"{kind}__forward_inference_s"] = median_time(lambda: ffn(x), repeats)
     return results
 
 
@@ -104,7 +128,7 @@ def bench_model(repeats: int) -> dict:
     results = {}
     ids = torch.randint(1000, 30000, (BATCH, SEQ))
     labels = torch.randint(0, 2, (BATCH,))
-    for kind in ("dense", "moe", "pad"):
+    for kind in KINDS:
         torch.manual_seed(0)
         model = make_model(kind)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -116,11 +140,11 @@ def bench_model(repeats: int) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        results[f"{kind}_train_step_s"] = median_time(train_step, max(3, repeats // 2), warmup=1)
+        results[f"{kind}__train_step_s"] = median_time(train_step, max(3, repeats // 2), warmup=1)
         model.eval()
         for batch in (1, BATCH):
             with torch.no_grad():
-                results[f"{kind}_inference_b{batch}_s"] = median_time(lambda: model(input_ids=ids[:batch]), repeats)
+                results[f"{kind}__inference_b{batch}_s"] = median_time(lambda: model(input_ids=ids[:batch]), repeats)
     return results
 
 
@@ -150,25 +174,24 @@ def _peak_rss_bytes() -> int:
 def bench_memory() -> dict:
     results = {}
     context = mp.get_context("spawn")
-    for kind in ("dense", "moe", "pad"):
+    for kind in KINDS:
         queue = context.Queue()
         process = context.Process(target=_peak_memory_worker, args=(kind, queue))
         process.start()
-        results[f"{kind}_peak_rss_train_bytes"] = queue.get()
+        results[f"{kind}__peak_rss_train_bytes"] = queue.get()
         process.join()
     return results
 
 
 def ratios(results: dict) -> dict:
+    """`{kind}_vs_moe__{metric}` and `{kind}_vs_dense__{metric}` for every measured `{kind}__{metric}`."""
     out = {}
     for key, value in results.items():
-        if key.startswith("pad_") or key.startswith("moe_"):
-            suffix = key.split("_", 1)[1]
-            moe_value, dense_value = results.get(f"moe_{suffix}"), results.get(f"dense_{suffix}")
-            if key.startswith("pad_") and moe_value:
-                out[f"pad_vs_moe_{suffix}"] = value / moe_value
-            if dense_value:
-                out[f"{key.split('_', 1)[0]}_vs_dense_{suffix}"] = value / dense_value
+        kind, metric = key.split("__", 1)
+        for baseline in ("moe", "dense"):
+            reference = results.get(f"{baseline}__{metric}")
+            if kind != baseline and kind != "dense" and reference:
+                out[f"{kind}_vs_{baseline}__{metric}"] = value / reference
     return out
 
 

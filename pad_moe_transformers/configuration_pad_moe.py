@@ -24,7 +24,7 @@ SCALE_FACTOR_MODES = ("sum2", "none", "static_only", "dynamic_only", "free")
 - ``"free"``: ``l_s`` and ``l_d`` both trainable and unconstrained (init 1).
 """
 
-PARTITION_GRANULARITIES = ("element",)
+PARTITION_GRANULARITIES = ("element", "neuron")
 
 # Arguments of `from_base` that describe the task head; they go to the nested base config,
 # which the head reads, and are mirrored on the PAD config, which Trainer/pipelines read.
@@ -59,7 +59,10 @@ class PADMoEConfig(PreTrainedConfig):
             Indices of the transformer layers whose FFN becomes a PAD-MoE layer; all layers when `None`.
             For ALBERT the indices refer to the distinct (shared) layers, not to the depth.
         partition_granularity (`str`, defaults to `"element"`):
-            What one mask entry selects: ``"element"`` (one weight element).
+            What one mask decision selects: ``"element"`` (one weight element, as in the paper) or
+            ``"neuron"`` (a whole intermediate neuron: a row of the FFN's input linear and the matching
+            column of its output linear). Neuron-structured PAD computes static neurons once per token
+            and only the dynamic neurons per expert, so it is cheaper than the MoE at run time.
         partition (`dict`, *optional*):
             Metadata of the mode partition that produced the masks (method, achieved ratios, ...);
             `None` while the model is fully dynamic. Written by the partition code, not by users.

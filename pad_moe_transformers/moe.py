@@ -37,8 +37,10 @@ class PADMoEFeedForward(nn.Module):
         activation: nn.Module,
         fc_out: PADExpertLinear,
         router: TopKRouter,
+        partition_granularity: str = "element",
     ) -> None:
         super().__init__()
+        self.partition_granularity = partition_granularity
         self.router = router
         self.fc_in = fc_in
         self.activation = activation
@@ -49,6 +51,8 @@ class PADMoEFeedForward(nn.Module):
         # Router records of the calls since the model last cleared them (ALBERT calls one layer many times).
         self.router_records: list[RouterRecord] = []
         self.register_buffer("expert_counts", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+        self._neuron_mask_cache: tuple[tuple, Tensor] | None = None
+        self._neuron_weight_cache: tuple[tuple, dict] | None = None
 
     @classmethod
     def from_dense(
@@ -62,6 +66,7 @@ class PADMoEFeedForward(nn.Module):
         scale_factor_mode: str = "sum2",
         router_jitter_noise: float = 0.0,
         router_init_std: float = 0.02,
+        partition_granularity: str = "element",
     ) -> "PADMoEFeedForward":
         """Upcycle a dense FFN: each expert and the static weights start equal to it; the router is random."""
         router = TopKRouter(
@@ -74,11 +79,13 @@ class PADMoEFeedForward(nn.Module):
         )
         if fc_in.weight.device.type != "meta":
             router.reset_parameters(router_init_std)
+        neuron = partition_granularity == "neuron"
         return cls(
-            PADExpertLinear.from_dense(fc_in, num_experts, scale_factor_mode),
+            PADExpertLinear.from_dense(fc_in, num_experts, scale_factor_mode, shared_static_bias=neuron),
             activation,
             PADExpertLinear.from_dense(fc_out, num_experts, scale_factor_mode),
             router,
+            partition_granularity,
         )
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -113,23 +120,32 @@ class PADMoEFeedForward(nn.Module):
 
     def _experts_forward(self, x: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
         """`x` `(N, H)`, `gates`/`experts` `(N, k)` -> gate-weighted sum of the selected experts `(N, H)`."""
+        if self.partition_granularity == "neuron":
+            return self._neuron_experts_forward(x, gates, experts)
+        weight_in, weight_out = self._expert_weights()
+
+        def expert_fn(expert: int, x_e: Tensor) -> Tensor:
+            h = self.activation(nn.functional.linear(x_e, weight_in(expert), self.fc_in.expert_bias_of(expert)))
+            return nn.functional.linear(h, weight_out(expert), self.fc_out.expert_bias_of(expert))
+
+        return self._dispatch(x, gates, experts, expert_fn)
+
+    def _dispatch(self, x: Tensor, gates: Tensor, experts: Tensor, expert_fn) -> Tensor:
+        """Group the `N * k` token slots by expert, run `expert_fn(e, x_e)` once per expert that got
+        tokens, and scatter-add the gate-weighted results back to `(N, H)`."""
         num_tokens, k = experts.shape
         flat_experts = experts.reshape(-1)  # (N*k,)
         order = torch.argsort(flat_experts, stable=True)
         token_of_slot = torch.arange(num_tokens, device=x.device).repeat_interleave(k)[order]
         gate_of_slot = gates.reshape(-1)[order]
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-
-        weight_in, weight_out = self._expert_weights()
         x_sorted = x[token_of_slot]  # (N*k, H), grouped by expert
         outputs = []
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
-            x_e = x_sorted[start : start + count]
-            h = self.activation(nn.functional.linear(x_e, weight_in(expert), self.fc_in.expert_bias_of(expert)))
-            outputs.append(nn.functional.linear(h, weight_out(expert), self.fc_out.expert_bias_of(expert)))
+            outputs.append(expert_fn(expert, x_sorted[start : start + count]))
             start += count
         if not outputs:
             return x.new_zeros(x.shape)
@@ -143,7 +159,7 @@ class PADMoEFeedForward(nn.Module):
         reused, so a PAD layer costs what a plain MoE layer costs. Otherwise the static term is
         formed once per forward and each expert's weight once, only for experts that got tokens.
         """
-        if not self.training and not torch.is_grad_enabled() and self.fc_in.soft_mask is None:
+        if self._use_inference_cache():
             merged_in = self.fc_in.merged_weights_for_inference()
             merged_out = self.fc_out.merged_weights_for_inference()
             return merged_in.__getitem__, merged_out.__getitem__
@@ -152,6 +168,78 @@ class PADMoEFeedForward(nn.Module):
             lambda e: self.fc_in.expert_weight_eff(e, static_in),
             lambda e: self.fc_out.expert_weight_eff(e, static_out),
         )
+
+    def _use_inference_cache(self) -> bool:
+        return not self.training and not torch.is_grad_enabled() and self.fc_in.soft_mask is None
+
+    # --- neuron-structured PAD -------------------------------------------------------------
+    def neuron_mask(self) -> Tensor:
+        """`(I,)` bool, True = dynamic intermediate neuron. Requires a neuron-structured mask:
+        fc_in rows and fc_out columns of one neuron all dynamic or all static."""
+        key = tuple((m.data_ptr(), m._version) for m in (self.fc_in.mask, self.fc_out.mask))
+        if self._neuron_mask_cache is None or self._neuron_mask_cache[0] != key:
+            neurons = self.fc_in.mask.any(dim=1)
+            if not (
+                torch.equal(self.fc_in.mask, neurons.unsqueeze(1).expand_as(self.fc_in.mask))
+                and torch.equal(self.fc_out.mask, neurons.unsqueeze(0).expand_as(self.fc_out.mask))
+            ):
+                raise ValueError(
+                    "partition_granularity='neuron' needs neuron-structured masks (whole rows of fc_in.mask and the "
+                    "matching columns of fc_out.mask); set them with `set_neuron_mask` or a neuron-granularity partition."
+                )
+            self._neuron_mask_cache = (key, neurons)
+        return self._neuron_mask_cache[1]
+
+    def set_neuron_mask(self, neurons: Tensor) -> None:
+        """Make the neurons where `neurons` `(I,)` is True dynamic and the others static."""
+        neurons = neurons.to(device=self.fc_in.mask.device, dtype=torch.bool)
+        with torch.no_grad():
+            self.fc_in.mask.copy_(neurons.unsqueeze(1).expand_as(self.fc_in.mask))
+            self.fc_out.mask.copy_(neurons.unsqueeze(0).expand_as(self.fc_out.mask))
+
+    def _neuron_weights(self) -> dict[str, Tensor | None]:
+        """Eq. 4 restricted to whole neurons: static slices once, dynamic slices per expert."""
+        dynamic = self.neuron_mask()
+        dyn, sta = dynamic.nonzero(as_tuple=True)[0], (~dynamic).nonzero(as_tuple=True)[0]
+        l_s_in, l_d_in = self.fc_in.scale_factors()
+        l_s_out, l_d_out = self.fc_out.scale_factors()
+        fc_in, fc_out = self.fc_in, self.fc_out
+        return {
+            "static_in": l_s_in * fc_in.static_weight[sta],  # (I_s, H)
+            "static_in_bias": None if fc_in.static_bias is None else fc_in.static_bias[sta],  # (I_s,)
+            "static_out": l_s_out * fc_out.static_weight[:, sta],  # (H, I_s)
+            "expert_in": l_d_in * fc_in.expert_weight[:, dyn],  # (E, I_d, H)
+            "expert_in_bias": None if fc_in.expert_bias is None else fc_in.expert_bias[:, dyn],  # (E, I_d)
+            "expert_out": l_d_out * fc_out.expert_weight[:, :, dyn],  # (E, H, I_d)
+        }
+
+    def _neuron_experts_forward(self, x: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
+        """Static neurons share their weights across experts, so their contribution is computed once
+        per token (weighted by the sum of the selected gates, which is 1); only the dynamic neurons
+        are computed per expert, as smaller dense matmuls."""
+        if self._use_inference_cache():
+            key = tuple((t.data_ptr(), t._version) for t in (self.fc_in.mask, self.fc_out.mask, *self.parameters()))
+            if self._neuron_weight_cache is None or self._neuron_weight_cache[0] != key:
+                with torch.no_grad():
+                    self._neuron_weight_cache = (key, self._neuron_weights())
+            w = self._neuron_weight_cache[1]
+        else:
+            w = self._neuron_weights()
+
+        def expert_fn(expert: int, x_e: Tensor) -> Tensor:
+            bias = None if w["expert_in_bias"] is None else w["expert_in_bias"][expert]
+            h = self.activation(nn.functional.linear(x_e, w["expert_in"][expert], bias))
+            return nn.functional.linear(h, w["expert_out"][expert], self.fc_out.expert_bias_of(expert))
+
+        y = self._dispatch(x, gates, experts, expert_fn)
+        if w["static_in"].shape[0] > 0:
+            h_static = self.activation(nn.functional.linear(x, w["static_in"], w["static_in_bias"]))
+            y = y + nn.functional.linear(h_static, w["static_out"])
+        return y
+
+    def train(self, mode: bool = True) -> "PADMoEFeedForward":
+        self._neuron_weight_cache = None
+        return super().train(mode)
 
     def pad_linears(self) -> dict[str, PADExpertLinear]:
         return {"fc_in": self.fc_in, "fc_out": self.fc_out}

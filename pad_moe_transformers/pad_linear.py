@@ -7,7 +7,9 @@ Expert ``i``'s computational weight is
 with one binary mask ``M`` and one static weight ``W_static`` shared by all experts of the linear,
 and scale factors ``(l_s, l_d)`` whose parametrisation depends on ``scale_factor_mode``.
 Biases are per expert and fully dynamic (they are not partitioned: ``E * out`` values, <0.1% of
-the linear); they are upcycled from the dense bias like the weights.
+the linear); they are upcycled from the dense bias like the weights. With neuron-structured
+partitions the FFN's input linear also has a shared ``static_bias``: a static neuron must compute
+the same thing in every expert, bias included, so its bias comes from the static bias.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class PADExpertLinear(nn.Module):
         num_experts: int,
         scale_factor_mode: str = "sum2",
         bias: bool = True,
+        shared_static_bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -42,6 +45,8 @@ class PADExpertLinear(nn.Module):
         self.expert_weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, **factory))
         self.static_weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.expert_bias = nn.Parameter(torch.zeros(num_experts, out_features, **factory)) if bias else None
+        # Bias of static output units (rows whose mask is all False); neuron-structured partitions only.
+        self.static_bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias and shared_static_bias else None
         # True = dynamic (per expert), False = static (shared). All dynamic until a partition runs.
         self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
         if scale_factor_mode == "sum2":
@@ -57,7 +62,11 @@ class PADExpertLinear(nn.Module):
 
     @classmethod
     def from_dense(
-        cls, linear: nn.Linear, num_experts: int, scale_factor_mode: str = "sum2"
+        cls,
+        linear: nn.Linear,
+        num_experts: int,
+        scale_factor_mode: str = "sum2",
+        shared_static_bias: bool = False,
     ) -> "PADExpertLinear":
         """Upcycle a dense linear: every expert and the static weight start as copies of it."""
         weight = linear.weight
@@ -67,6 +76,7 @@ class PADExpertLinear(nn.Module):
             num_experts,
             scale_factor_mode,
             bias=linear.bias is not None,
+            shared_static_bias=shared_static_bias,
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -75,6 +85,8 @@ class PADExpertLinear(nn.Module):
             module.static_weight.copy_(weight.detach())
             if linear.bias is not None:
                 module.expert_bias.copy_(linear.bias.detach().unsqueeze(0).expand_as(module.expert_bias))
+                if module.static_bias is not None:
+                    module.static_bias.copy_(linear.bias.detach())
         return module
 
     def scale_factors(self) -> tuple[Tensor, Tensor]:
@@ -129,7 +141,12 @@ class PADExpertLinear(nn.Module):
         return super().train(mode)
 
     def expert_bias_of(self, expert: int) -> Tensor | None:
-        return None if self.expert_bias is None else self.expert_bias[expert]
+        """Bias of one expert, `(out,)`: its own where the output unit is dynamic, else the static bias."""
+        if self.expert_bias is None:
+            return None
+        if self.static_bias is None:
+            return self.expert_bias[expert]
+        return torch.where(self.mask.any(dim=1), self.expert_bias[expert], self.static_bias)
 
     # --- bookkeeping used by the parameter report and the partition code -------------------
     def num_dynamic(self) -> int:
