@@ -48,3 +48,10 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
 ]
+
+# Compact PAD checkpoints and generated model cards (docs/checkpoint_format.md).
+from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION  # noqa: E402
+from .checkpoint import PADCheckpointError, theoretical_checkpoint_size  # noqa: E402
+from .modelcard import build_model_card  # noqa: E402
+
+__all__ += ["CHECKPOINT_FORMAT_VERSION", "PADCheckpointError", "build_model_card", "theoretical_checkpoint_size"]

@@ -192,13 +192,15 @@ class PADMoEPreTrainedModel(PreTrainedModel):
         With `config=PADMoEConfig.from_base(dense)` and a dense checkpoint, the dense model is loaded
         with its own class and every FFN is copied into each expert and into the static weights.
         """
-        if isinstance(config, PADMoEConfig) and pretrained_model_name_or_path is not None:
+        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             checkpoint_type = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)[0].get(
                 "model_type"
             )
-            if checkpoint_type != PADMoEConfig.model_type:
+            if isinstance(config, PADMoEConfig) and checkpoint_type != PADMoEConfig.model_type:
                 return cls._upcycle(pretrained_model_name_or_path, checkpoint_type, config, *model_args, **kwargs)
+            if checkpoint_type == PADMoEConfig.model_type:  # a PAD checkpoint: see "checkpoints" below
+                return cls._load_pad_checkpoint(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
 
     @classmethod
@@ -215,6 +217,87 @@ class PADMoEPreTrainedModel(PreTrainedModel):
         model.name_or_path = str(path)
         model.eval()  # like from_pretrained: the model comes back in eval mode
         return model
+
+    # ------------------------------------------------------------------------- checkpoints & Hub (issue #4)
+    # Compact safetensors checkpoints (docs/checkpoint_format.md) and the generated model card. Thin
+    # hooks: the logic lives in `checkpoint.py` and `modelcard.py`.
+    @classmethod
+    def _load_pad_checkpoint(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """Load a checkpoint written by `save_pretrained`: validated and decoded by `checkpoint.py`,
+        then built by Transformers' loader from the dense state dict (dtype, device map, fp32 router)."""
+        from .checkpoint import load_pad_checkpoint
+
+        return load_pad_checkpoint(
+            cls, pretrained_model_name_or_path, model_args, config, kwargs, super().from_pretrained
+        )
+
+    def save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        push_to_hub: bool = False,
+        max_shard_size: int | str = "50GB",
+        variant: str | None = None,
+        token: str | bool | None = None,
+        save_peft_format: bool = True,
+        save_original_format: bool = True,
+        distributed_checkpoint: bool = False,
+        **kwargs,
+    ):
+        """Save the config, the compact PAD checkpoint (safetensors; masks bit-packed, only the used
+        entries of the expert and static weights) and a generated model card (README.md).
+
+        Same arguments as `PreTrainedModel.save_pretrained`, plus `model_card=False` to skip the card and
+        `base_model=`, `eval_results=` (`{metric: value}`), `tags=` for it. Adapters (PEFT), distributed
+        and quantized checkpoints fall back to Transformers' own format.
+        """
+        if distributed_checkpoint or getattr(self, "_hf_peft_config_loaded", False) or getattr(self, "hf_quantizer", None):
+            for key in ("model_card", "base_model", "eval_results", "tags"):
+                kwargs.pop(key, None)
+            return super().save_pretrained(
+                save_directory, is_main_process=is_main_process, state_dict=state_dict, push_to_hub=push_to_hub,
+                max_shard_size=max_shard_size, variant=variant, token=token, save_peft_format=save_peft_format,
+                save_original_format=save_original_format, distributed_checkpoint=distributed_checkpoint, **kwargs,
+            )
+        from .checkpoint import save_pad_pretrained
+
+        save_pad_pretrained(
+            self, save_directory, is_main_process=is_main_process, state_dict=state_dict, push_to_hub=push_to_hub,
+            max_shard_size=max_shard_size, variant=variant, token=token, **kwargs,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | str | None = None,
+        base_model: str | None = None,
+        eval_results: dict | None = None,
+    ):
+        """Upload the compact checkpoint, config and generated model card to the Hub (through
+        `huggingface_hub`'s `create_repo` / `create_commit`, as `PreTrainedModel.push_to_hub` does)."""
+        from .checkpoint import push_pad_to_hub
+
+        return push_pad_to_hub(
+            self, repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
+            token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
+            base_model=base_model, eval_results=eval_results,
+        )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict` that also accepts the tensors of a PAD checkpoint file (compact
+        or plain-MoE entries of the PAD linears are decoded first), e.g. when Trainer resumes from one."""
+        from .checkpoint import expand_compact_entries
+
+        return super().load_state_dict(expand_compact_entries(self, state_dict), strict=strict, assign=assign)
 
     # ----------------------------------------------------------------------------------- forward
     def forward(
