@@ -78,6 +78,7 @@ def convert_ffn_to_pad_moe(base_model: nn.Module, config: PADMoEConfig) -> list[
             scale_factor_mode=config.scale_factor_mode,
             router_jitter_noise=float(config.router_jitter_noise),
             router_init_std=std,
+            partition_granularity=config.partition_granularity,
         )
         # Mark the new parameters initialised so HF's init pass in `post_init` leaves the upcycled copies alone.
         for tensor in list(moe.parameters()) + list(moe.buffers()):
