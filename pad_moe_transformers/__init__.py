@@ -49,6 +49,27 @@ __all__ = [
     "router_z_loss",
 ]
 
+# Mode partition (paper sec. 4.2) and its Trainer callback.
+from .callbacks import IMPTrainerCallback  # noqa: E402
+from .partition import (  # noqa: E402
+    PartitionResult,
+    apply_partition,
+    attach_moe_p_constraints,
+    moe_p_prune,
+    partition_model,
+    perturb_experts,
+)
+
+__all__ += [
+    "IMPTrainerCallback",
+    "PartitionResult",
+    "apply_partition",
+    "attach_moe_p_constraints",
+    "moe_p_prune",
+    "partition_model",
+    "perturb_experts",
+]
+
 # Compact PAD checkpoints and generated model cards (docs/checkpoint_format.md).
 from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION  # noqa: E402
 from .checkpoint import PADCheckpointError, theoretical_checkpoint_size  # noqa: E402

@@ -1,0 +1,211 @@
+"""`IMPTrainerCallback`: mode partition at the start of `Trainer.train()`, with no fork of the Trainer.
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[IMPTrainerCallback(dynamic_ratio=0.5)])
+    trainer.train()   # partitions on the first 10 training batches, then trains the PAD-Net
+
+On `on_train_begin` (the optimizer and the prepared train dataloader exist, no step has run) the
+callback takes the first `num_batches` batches of the Trainer's train dataloader and runs
+`partition_model`. Everything it touches is put back, so the first optimizer step is the one the
+Trainer would take on the partitioned model without the callback:
+
+- no parameter `.grad` is written (`torch.autograd.grad`), the optimizer and its state are untouched;
+- the torch (CPU and CUDA), Python and NumPy RNG states and the dataloader's sampler generator are
+  restored, so the Trainer's first epoch sees the same batches and dropout masks;
+- the model's parameters change only by the post-processing zeros of the mask.
+
+It does nothing when the model is already partitioned (`config.partition` set, masks already
+partial, or a resumed run with `state.global_step > 0`). Under DDP every rank scores its own shard;
+the warm-up gradients and the scores are all-reduced and the final masks broadcast from rank 0, so
+every rank ends with the same mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging
+
+from .partition import DEFAULT_ROUNDS, DEFAULT_SCORE, DEFAULT_WARMUP_LR, PARTITION_METHODS, SCOPES, SCORES
+from .partition import PartitionResult, pad_linears, partition_model
+from .partition._common import check_model
+
+logger = logging.get_logger(__name__)
+
+
+class IMPTrainerCallback(TrainerCallback):
+    """Partition a PAD-MoE model (IMP by default) on the first training batches when training begins.
+
+    Args:
+        dynamic_ratio: target fraction ``kappa`` of each FFN weight that stays dynamic.
+        num_batches: training batches used for scoring (the paper uses 10). Fewer are used if the
+            dataloader is shorter; under DDP each rank uses its own first batches.
+        rounds: IMP rounds (exponential schedule ``kappa ** (t / rounds)``).
+        method: ``"imp"``, ``"mp"``, ``"random"`` or ``"moe_p"`` (see `partition_model`).
+        scope: ``"linear"`` (exact ratio per linear) or ``"global"``.
+        score: ``"warmup_grad"`` (default), ``"grad"`` or ``"connection"`` (see docs/partition.md).
+        seed: seed of the random method; defaults to `TrainingArguments.seed`.
+        warmup_steps, warmup_lr: the expert warm-up of ``"warmup_grad"`` (default one step per batch).
+        progress: show a tqdm bar (also off when `TrainingArguments.disable_tqdm`).
+
+    After training begins, `self.result` holds the `PartitionResult` (None if it did nothing).
+    """
+
+    def __init__(
+        self,
+        dynamic_ratio: float = 0.5,
+        num_batches: int = 10,
+        rounds: int = DEFAULT_ROUNDS,
+        method: str = "imp",
+        *,
+        scope: str = "linear",
+        score: str = DEFAULT_SCORE,
+        seed: int | None = None,
+        warmup_steps: int | None = None,
+        warmup_lr: float = DEFAULT_WARMUP_LR,
+        progress: bool = True,
+    ) -> None:
+        if not 0.0 < dynamic_ratio <= 1.0:
+            raise ValueError(f"dynamic_ratio must be in (0, 1], got {dynamic_ratio}.")
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1 (the paper uses 10), got {num_batches}.")
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {rounds}.")
+        for name, value, allowed in (("method", method, PARTITION_METHODS), ("scope", scope, SCOPES), ("score", score, SCORES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
+        self.dynamic_ratio = dynamic_ratio
+        self.num_batches = num_batches
+        self.rounds = rounds
+        self.method = method
+        self.scope = scope
+        self.score = score
+        self.seed = seed
+        self.warmup_steps = warmup_steps
+        self.warmup_lr = warmup_lr
+        self.progress = progress
+        self.result: PartitionResult | None = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        pad_model = check_model(model)
+        reason = _skip_reason(pad_model, state)
+        if reason is not None:
+            logger.info(f"IMPTrainerCallback: not partitioning, {reason}.")
+            return
+        if train_dataloader is None:
+            raise ValueError(
+                "IMPTrainerCallback needs the Trainer's train dataloader (Trainer passes it to on_train_begin); "
+                "call partition_model(model, batches) yourself when training without a Trainer."
+            )
+        with preserved_rng_state(train_dataloader):
+            batches = take_batches(train_dataloader, self.num_batches)
+            if len(batches) < self.num_batches:
+                logger.warning(
+                    f"IMPTrainerCallback: the train dataloader has only {len(batches)} batches; "
+                    f"partitioning on those instead of num_batches={self.num_batches}."
+                )
+            self.result = partition_model(
+                pad_model,
+                batches,
+                method=self.method,
+                dynamic_ratio=self.dynamic_ratio,
+                rounds=self.rounds,
+                scope=self.scope,
+                score=self.score,
+                seed=args.seed if self.seed is None else self.seed,
+                warmup_steps=self.warmup_steps,
+                warmup_lr=self.warmup_lr,
+                progress=self.progress and not args.disable_tqdm,
+            )
+        pad_model.zero_grad(set_to_none=True)
+        ratios = self.result.dynamic_ratios
+        logger.info(
+            f"IMPTrainerCallback: {self.method} partition on {len(batches)} batches in {self.result.seconds:.1f}s, "
+            f"dynamic ratio per linear: "
+            + ", ".join(f"{name}={ratio:.4f}" for name, ratio in ratios.items())
+            + f" (total {self.result.metadata['achieved_dynamic_ratio_total']:.4f})"
+        )
+
+
+def _skip_reason(model: Any, state: TrainerState) -> str | None:
+    if model.config.is_partitioned:
+        return f"the model is already partitioned (config.partition: method={model.config.partition.get('method')!r})"
+    if any(not bool(linear.mask.all()) for linear in pad_linears(model).values()):
+        return "its masks already have static entries (a partitioned checkpoint was loaded)"
+    if state.global_step > 0:
+        return f"the run resumes at step {state.global_step}"
+    return None
+
+
+def take_batches(dataloader: Any, num_batches: int) -> list[Any]:
+    """The first `num_batches` batches of `dataloader` (fewer if it is shorter).
+
+    The iterator is closed early; an Accelerate dataloader is also unregistered from the gradient
+    state (`end()`), as a complete pass would do.
+    """
+    iterator = iter(dataloader)
+    batches: list[Any] = []
+    exhausted = False
+    try:
+        while len(batches) < num_batches:
+            try:
+                batches.append(next(iterator))
+            except StopIteration:
+                exhausted = True
+                break
+    finally:
+        close = getattr(iterator, "close", None)
+        if callable(close):
+            close()
+        if not exhausted and hasattr(dataloader, "gradient_state") and callable(getattr(dataloader, "end", None)):
+            dataloader.end()
+    return batches
+
+
+def _sampler_generators(dataloader: Any) -> list[torch.Generator]:
+    """Torch generators reachable from the dataloader's samplers (their state moves when iterated)."""
+    found, seen = [], set()
+    stack = [dataloader]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Generator):
+            found.append(obj)
+            continue
+        for attr in ("generator", "sampler", "batch_sampler", "base_dataloader", "synchronized_generator"):
+            child = getattr(obj, attr, None)
+            if child is not None and not isinstance(child, (int, float, str)):
+                stack.append(child)
+    return found
+
+
+@contextlib.contextmanager
+def preserved_rng_state(dataloader: Any = None) -> Iterator[None]:
+    """Restore the torch CPU/CUDA, Python and NumPy RNG states and the sampler generators on exit."""
+    generators = _sampler_generators(dataloader) if dataloader is not None else []
+    generator_states = [g.get_state() for g in generators]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        for generator, saved in zip(generators, generator_states):
+            generator.set_state(saved)

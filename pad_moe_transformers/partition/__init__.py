@@ -1,0 +1,60 @@
+"""Mode partition of PAD-MoE models (paper sec. 4.2): scores, IMP / MP / Random / MoE-P, post-processing.
+
+Usable without the Trainer::
+
+    from pad_moe_transformers.partition import partition_model
+    result = partition_model(model, batches, method="imp", dynamic_ratio=0.5)  # batches: labelled dicts
+    result.dynamic_ratios  # {"layer.0.fc_in": 0.5, ...}; model.config.partition holds the metadata
+
+See ``docs/partition.md`` for the scores, the upcycling tie ("trap") and the measured comparison.
+"""
+
+from ._common import pad_linears
+from .algorithms import (
+    DEFAULT_ROUNDS,
+    DEFAULT_SCORE,
+    DEFAULT_WARMUP_LR,
+    PARTITION_METHODS,
+    SCOPES,
+    SCORES,
+    PartitionResult,
+    imp_schedule,
+    partition_model,
+    select_masks,
+)
+from .postprocess import apply_partition, attach_moe_p_constraints, moe_p_prune
+from .scores import (
+    connection_sensitivity,
+    expert_warmup,
+    expert_weight_gradients,
+    mask_gradients,
+    normalize_scores,
+    perturb_experts,
+    soft_masks,
+)
+from .evaluation import partition_loss
+
+__all__ = [
+    "DEFAULT_ROUNDS",
+    "DEFAULT_SCORE",
+    "DEFAULT_WARMUP_LR",
+    "PARTITION_METHODS",
+    "SCOPES",
+    "SCORES",
+    "PartitionResult",
+    "apply_partition",
+    "attach_moe_p_constraints",
+    "connection_sensitivity",
+    "expert_warmup",
+    "expert_weight_gradients",
+    "imp_schedule",
+    "mask_gradients",
+    "moe_p_prune",
+    "normalize_scores",
+    "pad_linears",
+    "partition_loss",
+    "partition_model",
+    "perturb_experts",
+    "select_masks",
+    "soft_masks",
+]

@@ -1,0 +1,168 @@
+"""Shared helpers of the partition code: PAD linears by name, batches, the task loss, DDP collectives."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..modeling_pad_moe import PADMoEPreTrainedModel
+from ..pad_linear import PADExpertLinear
+
+Batch = Mapping[str, Any]
+"""One mini-batch as the model's forward takes it (`input_ids`, `attention_mask`, `labels`, ...)."""
+
+_LABEL_KEYS = ("labels", "start_positions")
+
+
+def check_model(model: Any) -> PADMoEPreTrainedModel:
+    """Return `model` (or the PAD model it wraps, e.g. under DDP) or raise a `TypeError` saying what to pass."""
+    for candidate in (model, getattr(model, "module", None)):
+        if isinstance(candidate, PADMoEPreTrainedModel):
+            granularity = getattr(candidate.config, "partition_granularity", "element")
+            if granularity != "element":
+                raise ValueError(
+                    f"Mode partition scores single weight elements (partition_granularity='element'); this model "
+                    f"has partition_granularity={granularity!r}, whose masks must be structured and which this "
+                    "module does not partition yet. Build the model with partition_granularity='element', or set "
+                    "neuron masks with `PADMoEFeedForward.set_neuron_mask`."
+                )
+            return candidate
+    raise TypeError(
+        f"Mode partition needs a PAD-MoE model (a PADMoEPreTrainedModel, e.g. built with "
+        f"`AutoModelForSequenceClassification.from_pretrained(dense_path, config=PADMoEConfig.from_base(dense_path))`), "
+        f"got {type(model).__name__}."
+    )
+
+
+def pad_linears(model: PADMoEPreTrainedModel) -> dict[str, PADExpertLinear]:
+    """All partitioned linears of the model in order, named ``"layer.{i}.fc_in"`` / ``"layer.{i}.fc_out"``."""
+    return {
+        f"layer.{index}.{name}": linear
+        for index, moe in model.named_pad_layers()
+        for name, linear in moe.pad_linears().items()
+    }
+
+
+def materialize_batches(batches: Iterable[Batch]) -> list[Batch]:
+    """Turn `batches` into a list and check that it is usable for scoring (non-empty, labelled)."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError(
+            "Mode partition got zero batches. Pass at least one labelled mini-batch of training data "
+            "(the paper uses 10), e.g. the first batches of the training dataloader."
+        )
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise ValueError(
+                f"Partition batch {index} is a {type(batch).__name__}; each batch must be a mapping of model "
+                "inputs (as a Trainer / DataCollator produces), e.g. {'input_ids': ..., 'labels': ...}."
+            )
+        if not any(batch.get(key) is not None for key in _LABEL_KEYS):
+            raise ValueError(
+                f"Partition batch {index} has no labels (keys: {sorted(batch)}). The scores are derivatives "
+                "of the task loss, so every batch needs 'labels' (or 'start_positions'/'end_positions' for QA); "
+                "make sure the dataset keeps its label column."
+            )
+    return batches
+
+
+def to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+def task_loss(model: PADMoEPreTrainedModel, batch: Batch, *, index: int = 0) -> Tensor:
+    """The task loss of one batch (the model loss without the router auxiliary terms), a 0-d tensor.
+
+    The router losses do not belong to eq. 5 (the paper's L is the task loss), so their weighted
+    values are subtracted again. Raises a `ValueError` for a non-finite loss.
+    """
+    device = next(model.parameters()).device
+    out = model(**to_device(batch, device))
+    if out.loss is None:
+        raise ValueError(f"Partition batch {index}: the model returned no loss; pass batches with labels.")
+    loss = out.loss - model.config.router_aux_loss_coef * out.aux_loss.to(out.loss.dtype)
+    if model.config.router_z_loss_coef > 0:
+        loss = loss - model.config.router_z_loss_coef * out.z_loss.to(out.loss.dtype)
+    if not torch.isfinite(loss):
+        raise ValueError(
+            f"Non-finite task loss ({loss.item()}) on partition batch {index}: the scores would be NaN/inf. "
+            "Check the labels (e.g. regression targets) and the model weights before partitioning."
+        )
+    return loss
+
+
+@contextlib.contextmanager
+def scoring_mode(model: PADMoEPreTrainedModel) -> Iterator[None]:
+    """Eval mode (no dropout, no router jitter: deterministic scores) with autograd on; restores the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def requires_grad(tensors: Iterable[Tensor]) -> Iterator[None]:
+    """Temporarily set `requires_grad=True` on `tensors` (for parameters a user froze)."""
+    tensors = list(tensors)
+    before = [t.requires_grad for t in tensors]
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        yield
+    finally:
+        for t, flag in zip(tensors, before):
+            t.requires_grad_(flag)
+
+
+# ------------------------------------------------------------------------------------------- DDP
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return world_size() == 1 or dist.get_rank() == 0
+
+
+def all_reduce_sum(tensors: list[Tensor]) -> None:
+    """Sum `tensors` over all ranks in place (one flat all-reduce); a no-op without a process group."""
+    if world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def agree_on_batch_count(count: int, device: torch.device) -> int:
+    """The smallest batch count over all ranks, so that every rank runs the same number of collectives."""
+    if world_size() == 1:
+        return count
+    value = torch.tensor([count], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
+
+
+def broadcast_masks(masks: dict[str, Tensor]) -> None:
+    """Make every rank hold rank 0's masks (bitwise), whatever rounding the reductions left."""
+    if world_size() == 1:
+        return
+    for name in sorted(masks):
+        as_uint8 = masks[name].to(torch.uint8)
+        dist.broadcast(as_uint8, src=0)
+        masks[name].copy_(as_uint8.bool())
+
+
+def round_count(ratio: float, total: int) -> int:
+    """`round(ratio * total)` with halves rounded up (not Python's banker's rounding)."""
+    return int(math.floor(ratio * total + 0.5))

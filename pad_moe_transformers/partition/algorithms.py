@@ -1,0 +1,282 @@
+"""Mode partition algorithms: IMP (iterative, paper sec. 4.2), MP (one-shot), Random, and MoE-P (Table 5).
+
+    result = partition_model(model, batches, method="imp", dynamic_ratio=0.5)   # sets masks + metadata
+
+IMP runs ``rounds`` rounds; round ``t`` (1-based) keeps ``kappa ** (t / rounds)`` of the elements
+dynamic (exponential schedule, eq. 9 thresholding), re-scoring with the current mask each round.
+Only dynamic elements can become static. MP is IMP with one round; Random draws a seeded random
+mask at the same ratio. `scope="linear"` keeps exactly ``round(kappa * n)`` elements of each linear,
+`scope="global"` uses one threshold over all linears.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.utils import logging
+
+from ..modeling_pad_moe import PADMoEPreTrainedModel
+from ..pad_linear import PADExpertLinear
+from ._common import (
+    Batch,
+    agree_on_batch_count,
+    broadcast_masks,
+    check_model,
+    is_main_process,
+    materialize_batches,
+    pad_linears,
+    round_count,
+    world_size,
+)
+from .postprocess import apply_partition, format_ratios, moe_p_prune
+from .scores import connection_sensitivity, expert_warmup, mask_gradients, normalize_scores
+
+logger = logging.get_logger(__name__)
+
+PARTITION_METHODS = ("imp", "mp", "random", "moe_p")
+SCORES = ("warmup_grad", "grad", "connection")
+SCOPES = ("linear", "global")
+DEFAULT_SCORE = "warmup_grad"
+"""Chosen on real RTE batches, see docs/partition.md."""
+DEFAULT_ROUNDS = 5
+DEFAULT_WARMUP_LR = 1e-4
+
+
+@dataclass
+class PartitionResult:
+    """What a partition did. `masks` are the final bool masks `(out, in)` (True = dynamic) by linear name."""
+
+    masks: dict[str, Tensor]
+    dynamic_ratios: dict[str, float]
+    """Achieved dynamic ratio per linear (for MoE-P: kept fraction of the expert entries)."""
+    metadata: dict[str, Any]
+    """The dict stored in `model.config.partition`."""
+    seconds: float = 0.0
+    forward_backward_passes: int = 0
+    round_dynamic_counts: list[int] = field(default_factory=list)
+    """Dynamic elements over all linears after each round."""
+
+
+def imp_schedule(dynamic_ratio: float, rounds: int) -> list[float]:
+    """Target dynamic ratio after each round: ``kappa ** (t / rounds)`` for ``t = 1..rounds``."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}.")
+    return [dynamic_ratio ** (t / rounds) for t in range(1, rounds + 1)]
+
+
+def select_masks(
+    scores: dict[str, Tensor], masks: dict[str, Tensor], ratio: float, scope: str = "linear"
+) -> dict[str, Tensor]:
+    """Eq. 9: keep the highest-scoring elements dynamic so that `ratio` of all elements stay dynamic.
+
+    Only currently dynamic elements (``masks`` True) are candidates, so static elements stay static.
+    Ties are broken by position (stable sort), so the result is deterministic.
+
+    Args:
+        scores: `{name: (out, in)}` scores; higher = more important to keep dynamic.
+        masks: `{name: (out, in)}` bool current masks.
+        ratio: fraction of each linear (`scope="linear"`) or of all elements (`"global"`) kept dynamic.
+
+    Returns:
+        New `{name: (out, in)}` bool masks, a subset of `masks`.
+    """
+    _check_scope(scope)
+    names = list(scores)
+    if scope == "linear":
+        groups = [[n] for n in names]
+    else:
+        groups = [names]
+    new_masks = {}
+    for group in groups:
+        flat = torch.cat([_candidates(scores[n], masks[n]) for n in group])
+        total = sum(masks[n].numel() for n in group)
+        available = int(sum(int(masks[n].sum()) for n in group))
+        keep = min(round_count(ratio, total), available)
+        order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        chosen[order] = True
+        offset = 0
+        for n in group:
+            size = masks[n].numel()
+            new_masks[n] = chosen[offset : offset + size].view_as(masks[n]).to(masks[n].device)
+            offset += size
+    return new_masks
+
+
+def _candidates(score: Tensor, mask: Tensor) -> Tensor:
+    flat = score.detach().reshape(-1).to(torch.float64)
+    return torch.where(mask.reshape(-1).to(flat.device), flat, float("-inf"))
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}.")
+
+
+def _experts_equal_static(linear: PADExpertLinear, mask: Tensor) -> bool:
+    """True when ``l_d*W_i == l_s*W_static`` on every dynamic entry of every expert (eq. 7 is then 0)."""
+    with torch.no_grad():
+        l_s, l_d = linear.scale_factors()
+        differs = (l_d * linear.expert_weight != l_s * linear.static_weight).any(dim=0)
+        return not bool((differs & mask).any())
+
+
+def _check_not_tied(
+    raw: dict[str, Tensor], masks: dict[str, Tensor], scope: str, score: str, linears: dict[str, PADExpertLinear]
+) -> None:
+    """Refuse scores that carry no information over a scope unit: the partition would be arbitrary.
+
+    For the eq. 7 scores the test is structural: if every expert equals the (scaled) static weight on
+    every dynamic entry, the true derivative is exactly zero and what autograd returns is rounding
+    noise (~1e-12: the two paths through ``M`` and ``1 - M`` cancel only up to float rounding).
+    """
+    units = [[n] for n in raw] if scope == "linear" else [list(raw)]
+    for unit in units:
+        if score == "connection":
+            tied = all(not bool((raw[n][masks[n]] != 0).any()) for n in unit)
+        else:
+            tied = all(_experts_equal_static(linears[n], masks[n]) for n in unit)
+        if tied:
+            where = unit[0] if scope == "linear" else "all linears"
+            hint = (
+                "The experts equal the static weight (upcycled copies with l_s = l_d), so "
+                "dW_eff/dM = l_d*W_i - l_s*W_static = 0 and eq. 7 is exactly zero: every score ties. Use "
+                "score='warmup_grad' (the default: a short warm-up of the experts before scoring, with "
+                "warmup_steps > 0 and warmup_lr > 0), score='connection', or perturb_experts() after upcycling."
+                if score != "connection"
+                else "Check that the batches reach the loss (labels present) and that the weights are not zero."
+            )
+            raise ValueError(f"The {score!r} scores of {where} carry no information. {hint}")
+
+
+def partition_model(
+    model: PADMoEPreTrainedModel,
+    batches: Iterable[Batch],
+    *,
+    method: str = "imp",
+    dynamic_ratio: float | None = None,
+    rounds: int = DEFAULT_ROUNDS,
+    scope: str = "linear",
+    score: str = DEFAULT_SCORE,
+    seed: int = 0,
+    warmup_steps: int | None = None,
+    warmup_lr: float = DEFAULT_WARMUP_LR,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> PartitionResult:
+    """Partition every PAD linear of `model` into dynamic and static elements, in place.
+
+    Args:
+        model: an unpartitioned PAD-MoE model (fully dynamic, e.g. right after upcycling).
+        batches: labelled mini-batches (mappings of model inputs), e.g. the first 10 training batches.
+            They are kept in memory and reused by every round.
+        method: ``"imp"``, ``"mp"`` (one round), ``"random"`` or ``"moe_p"`` (SNIP-pruned plain MoE
+            with the parameter count PAD has at `dynamic_ratio`; see `moe_p_prune`).
+        dynamic_ratio: target ``kappa``; defaults to `model.config.dynamic_ratio`.
+        rounds: IMP rounds (ignored by the other methods).
+        scope: ``"linear"`` (exact ratio per linear) or ``"global"`` (one threshold over all linears).
+        score: ``"warmup_grad"`` (eq. 7 after a short expert warm-up that is undone), ``"grad"``
+            (eq. 7 at the current weights) or ``"connection"`` (``sum_i |W_i dL/dW_i|``).
+        seed: seed of the random mask (``"random"``); recorded for all methods.
+        warmup_steps: Adam steps of the warm-up (``"warmup_grad"`` only); default one per batch.
+        warmup_lr: learning rate of the warm-up.
+        progress: show a tqdm bar (main process only).
+        overwrite: allow re-partitioning a partitioned model (its current masks are kept as the start).
+
+    Returns:
+        A `PartitionResult`; the model's masks, zeroed weights and `config.partition` are updated.
+        The model's parameters are otherwise unchanged and no `.grad` is left behind.
+    """
+    model = check_model(model)
+    if method not in PARTITION_METHODS:
+        raise ValueError(f"method must be one of {list(PARTITION_METHODS)}, got {method!r}.")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}.")
+    _check_scope(scope)
+    if model.config.is_partitioned and not overwrite:
+        raise ValueError(
+            f"The model is already partitioned ({model.config.partition.get('method')!r}); pass overwrite=True "
+            "to partition it again from its current masks."
+        )
+    kappa = float(model.config.dynamic_ratio if dynamic_ratio is None else dynamic_ratio)
+    if not 0.0 < kappa <= 1.0:
+        raise ValueError(f"dynamic_ratio must be in (0, 1], got {kappa}.")
+    batches = materialize_batches(batches)
+    batches = batches[: agree_on_batch_count(len(batches), next(model.parameters()).device)]
+    start = time.perf_counter()
+    if method == "moe_p":
+        result = moe_p_prune(model, batches, dynamic_ratio=kappa, scope=scope, seed=seed, progress=progress)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    rounds = 1 if method in ("mp", "random") else rounds
+    schedule = imp_schedule(kappa, rounds)
+    if warmup_steps is None:
+        warmup_steps = len(batches)
+    use_warmup = method != "random" and score == "warmup_grad" and warmup_steps > 0
+    linears = pad_linears(model)
+    original = {n: lin.mask.clone() for n, lin in linears.items()}
+    masks = {n: m.clone() for n, m in original.items()}
+    passes = (warmup_steps if use_warmup else 0) + (0 if method == "random" else rounds * len(batches))
+    bar = logging.tqdm(
+        total=passes, desc=f"Mode partition ({method})", unit="batch", disable=not (progress and is_main_process())
+    )
+    counts: list[int] = []
+    try:
+        warm = expert_warmup if use_warmup else None
+        ctx = warm(model, batches, steps=warmup_steps, lr=warmup_lr, progress=bar) if warm else contextlib.nullcontext()
+        with ctx:
+            for t, ratio in enumerate(schedule, start=1):
+                bar.set_description(f"Mode partition ({method}, round {t}/{rounds}, keep {ratio:.3f})")
+                if method == "random":
+                    generator = torch.Generator().manual_seed(seed)
+                    scores = {n: torch.rand(m.shape, generator=generator, dtype=torch.float64) for n, m in masks.items()}
+                else:
+                    raw = (
+                        connection_sensitivity(model, batches, progress=bar)
+                        if score == "connection"
+                        else mask_gradients(model, batches, progress=bar)
+                    )
+                    _check_not_tied(raw, masks, scope, score, linears)
+                    scores = normalize_scores(raw, masks, scope)
+                masks = select_masks(scores, masks, ratio, scope)
+                broadcast_masks(masks)
+                for n, lin in linears.items():
+                    lin.mask.copy_(masks[n])  # the next round scores with the current mask
+                counts.append(int(sum(int(m.sum()) for m in masks.values())))
+    except BaseException:
+        for n, lin in linears.items():
+            lin.mask.copy_(original[n])
+        raise
+    finally:
+        bar.close()
+
+    metadata = {
+        "method": method,
+        "score": None if method == "random" else score,
+        "scope": scope,
+        "target_dynamic_ratio": kappa,
+        "rounds": rounds,
+        "round_ratios": schedule,
+        "num_batches": len(batches),
+        "seed": seed,
+        "warmup_steps": warmup_steps if use_warmup else 0,
+        "warmup_lr": warmup_lr if use_warmup else None,
+        "world_size": world_size(),
+    }
+    ratios = apply_partition(model, masks, metadata)
+    logger.info(f"Mode partition ({method}, kappa={kappa}) done; dynamic ratio per linear:\n{format_ratios(ratios)}")
+    return PartitionResult(
+        masks={n: m.clone() for n, m in masks.items()},
+        dynamic_ratios=ratios,
+        metadata=dict(model.config.partition),
+        seconds=time.perf_counter() - start,
+        forward_backward_passes=passes,
+        round_dynamic_counts=counts,
+    )

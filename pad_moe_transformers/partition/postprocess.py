@@ -1,0 +1,179 @@
+"""After partition: write the masks, zero what is no longer used, record metadata; the MoE-P baseline.
+
+Post-processing (paper Fig. 2): each expert's entries with ``M = 0`` and the static entries with
+``M = 1`` are never used by eq. 4, so they are set to zero. They stay zero in training without any
+hook: eq. 4 gives them exactly zero gradient (``torch.where`` in `PADExpertLinear`), so Adam/AdamW
+(fresh state, decoupled weight decay) leave them at zero. The mask is a persistent buffer, hence saved
+with the model; the metadata goes to ``model.config.partition`` (saved in ``config.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from transformers.utils import logging
+
+from ..modeling_pad_moe import PADMoEPreTrainedModel
+from ..pad_linear import PADExpertLinear
+from ._common import Batch, broadcast_masks, check_model, is_main_process, pad_linears, round_count, world_size
+from .scores import expert_weight_gradients
+
+if TYPE_CHECKING:
+    from .algorithms import PartitionResult
+
+logger = logging.get_logger(__name__)
+
+
+def apply_partition(
+    model: PADMoEPreTrainedModel, masks: dict[str, Tensor], metadata: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """Set the masks, zero the unused expert/static entries and store the metadata in `config.partition`.
+
+    Args:
+        masks: `{linear name: (out, in) bool}` for every PAD linear (names as in `pad_linears`), True = dynamic.
+        metadata: JSON-serialisable facts about how the masks were made (method, seed, ...); the achieved
+            ratios are added. `config.dynamic_ratio` is set to ``metadata["target_dynamic_ratio"]`` if given.
+
+    Returns:
+        The achieved dynamic ratio per linear.
+    """
+    model = check_model(model)
+    linears = pad_linears(model)
+    if set(masks) != set(linears):
+        raise ValueError(
+            f"Masks must be given for exactly the PAD linears {sorted(linears)}; missing "
+            f"{sorted(set(linears) - set(masks))}, unknown {sorted(set(masks) - set(linears))}."
+        )
+    with torch.no_grad():
+        for name, linear in linears.items():
+            mask = masks[name]
+            if tuple(mask.shape) != tuple(linear.mask.shape):
+                raise ValueError(f"Mask of {name} has shape {tuple(mask.shape)}, expected {tuple(linear.mask.shape)}.")
+            mask = mask.to(device=linear.mask.device, dtype=torch.bool)
+            linear.mask.copy_(mask)
+            linear.expert_weight.masked_fill_(~mask, 0.0)  # (out, in) mask broadcast over the experts
+            linear.static_weight.masked_fill_(mask, 0.0)
+    ratios = {name: linear.dynamic_ratio() for name, linear in linears.items()}
+    meta = dict(metadata or {})
+    meta["achieved_dynamic_ratio"] = ratios
+    meta["achieved_dynamic_ratio_total"] = _total_ratio(linears)
+    model.config.partition = meta
+    if meta.get("target_dynamic_ratio") is not None:
+        model.config.dynamic_ratio = float(meta["target_dynamic_ratio"])
+    return ratios
+
+
+def _total_ratio(linears: dict[str, PADExpertLinear]) -> float:
+    return sum(lin.num_dynamic() for lin in linears.values()) / sum(lin.mask.numel() for lin in linears.values())
+
+
+def format_ratios(ratios: dict[str, float]) -> str:
+    return "\n".join(f"  {name}: {ratio:.4f}" for name, ratio in ratios.items())
+
+
+# ----------------------------------------------------------------------------------------- MoE-P
+def moe_p_prune(
+    model: PADMoEPreTrainedModel,
+    batches: Iterable[Batch],
+    *,
+    dynamic_ratio: float,
+    scope: str = "linear",
+    seed: int = 0,
+    progress: bool = True,
+) -> "PartitionResult":
+    """MoE-P (paper Table 5): SNIP-prune the expert weights of the plain MoE to PAD's parameter count.
+
+    The model stays fully dynamic (``M = 1``, the static weight is unused and zeroed). Each linear
+    of ``n = out*in`` entries per expert keeps ``E*k + (n - k)`` of its ``E*n`` expert entries, with
+    ``k = round(dynamic_ratio * n)`` -- exactly what the PAD linear holds at that ratio (``E*k``
+    dynamic + ``n - k`` static) -- chosen by SNIP's saliency ``|W_i * dL/dW_i|`` (gradient summed
+    over `batches`), per linear (`scope="linear"`) or with one threshold over all linears
+    (`"global"`). Pruned entries are zeroed and kept at zero by a gradient hook (re-attach it after
+    loading with `attach_moe_p_constraints`).
+    """
+    from .algorithms import PartitionResult  # circular at import time
+
+    model = check_model(model)
+    linears = pad_linears(model)
+    if not all(bool(lin.mask.all()) for lin in linears.values()):
+        raise ValueError("MoE-P prunes a plain (fully dynamic) MoE, but some masks already have static entries.")
+    batches = list(batches)
+    bar = logging.tqdm(
+        total=len(batches), desc="MoE-P (SNIP)", unit="batch", disable=not (progress and is_main_process())
+    )
+    try:
+        grads = expert_weight_gradients(model, batches, progress=bar)
+    finally:
+        bar.close()
+    saliency = {n: (lin.expert_weight.detach().to(grads[n].dtype) * grads[n]).abs() for n, lin in linears.items()}
+    keep_counts = {}
+    for name, lin in linears.items():
+        n, k = lin.mask.numel(), round_count(dynamic_ratio, lin.mask.numel())
+        keep_counts[name] = lin.num_experts * k + (n - k)
+    units = [[n] for n in linears] if scope == "linear" else [list(linears)]
+    keeps: dict[str, Tensor] = {}
+    for unit in units:
+        flat = torch.cat([saliency[n].reshape(-1).double() for n in unit])
+        if not bool((flat != 0).any()):
+            raise ValueError(f"All SNIP saliencies of {unit[0] if scope == 'linear' else 'all linears'} are zero.")
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        chosen[torch.sort(flat, descending=True, stable=True).indices[: sum(keep_counts[n] for n in unit)]] = True
+        offset = 0
+        for n in unit:
+            size = saliency[n].numel()
+            keeps[n] = chosen[offset : offset + size].view_as(saliency[n])
+            offset += size
+    broadcast_masks(keeps)
+    with torch.no_grad():
+        for name, lin in linears.items():
+            lin.expert_weight.masked_fill_(~keeps[name], 0.0)
+            lin.static_weight.zero_()
+    _attach_hooks(linears, keeps)
+    kept = {n: float(keeps[n].float().mean()) for n in linears}
+    meta = {
+        "method": "moe_p",
+        "score": "snip",
+        "scope": scope,
+        "target_dynamic_ratio": dynamic_ratio,
+        "rounds": 1,
+        "num_batches": len(batches),
+        "seed": seed,
+        "world_size": world_size(),
+        "kept_expert_ratio": kept,
+        "kept_expert_entries": int(sum(int(k.sum()) for k in keeps.values())),
+        "pad_equivalent_entries": int(sum(keep_counts.values())),
+    }
+    apply_partition(model, {n: lin.mask.clone() for n, lin in linears.items()}, meta)
+    logger.info(f"MoE-P: kept fraction of the expert entries per linear:\n{format_ratios(kept)}")
+    return PartitionResult(
+        masks={n: lin.mask.clone() for n, lin in linears.items()},
+        dynamic_ratios=kept,
+        metadata=dict(model.config.partition),
+        forward_backward_passes=len(batches),
+    )
+
+
+def _attach_hooks(linears: dict[str, PADExpertLinear], keeps: dict[str, Tensor]) -> None:
+    for name, lin in linears.items():
+        old = getattr(lin, "_moe_p_hook", None)
+        if old is not None:
+            old.remove()
+        keep = keeps[name].to(lin.expert_weight.device)
+        lin._moe_p_keep = keep
+        lin._moe_p_hook = lin.expert_weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype))
+
+
+def attach_moe_p_constraints(model: PADMoEPreTrainedModel) -> int:
+    """Re-attach the MoE-P gradient hooks after loading a MoE-P checkpoint (pruned = zero entries).
+
+    Returns the number of linears constrained (0 if the model is not a MoE-P model).
+    """
+    model = check_model(model)
+    if not model.config.is_partitioned or model.config.partition.get("method") != "moe_p":
+        return 0
+    linears = pad_linears(model)
+    _attach_hooks(linears, {n: lin.expert_weight.detach() != 0 for n, lin in linears.items()})
+    return len(linears)

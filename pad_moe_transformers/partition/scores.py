@@ -1,0 +1,226 @@
+"""Importance scores of the dynamic elements (paper eqs. 6-8) and the ways to break the upcycling tie.
+
+Eq. 7 relaxes the binary mask ``M`` of every PAD linear to a float tensor and takes ``g = dL/dM``
+by autograd, one forward-backward per mini-batch, summed over the batches. For expert ``i`` the
+computational weight is ``W_eff_i = l_d*M*W_i + l_s*(1-M)*W_static``, so
+
+    g = sum_i  dL/dW_eff_i  *  (l_d*W_i - l_s*W_static)                      (out, in)
+
+Right after upcycling every ``W_i`` equals ``W_static`` and ``l_s = l_d = 1``: ``g`` is exactly
+zero everywhere and every score ties (the "trap"). This module provides three ways out, compared
+in ``docs/partition.md``:
+
+- `expert_warmup`: a few Adam steps of the expert weights of the fully dynamic MoE on the partition
+  batches, so the experts diverge from the static copy; eq. 7 is then taken at the warmed-up point
+  and the weights are restored afterwards (score ``"warmup_grad"``, the default);
+- `perturb_experts`: small per-expert noise at upcycling, which stays in the model (score ``"grad"``);
+- `expert_weight_gradients` -> connection sensitivity ``sum_i |W_i * dL/dW_i|`` (score ``"connection"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..modeling_pad_moe import PADMoEPreTrainedModel
+from ._common import (
+    Batch,
+    all_reduce_sum,
+    check_model,
+    materialize_batches,
+    pad_linears,
+    requires_grad,
+    scoring_mode,
+    task_loss,
+    world_size,
+)
+
+
+def _accumulator(tensor: Tensor) -> Tensor:
+    """A zero tensor like `tensor` in at least fp32 (bf16/fp16 models accumulate in fp32)."""
+    dtype = torch.promote_types(tensor.dtype, torch.float32) if tensor.is_floating_point() else torch.float32
+    return torch.zeros(tensor.shape, dtype=dtype, device=tensor.device)
+
+
+@contextlib.contextmanager
+def soft_masks(model: PADMoEPreTrainedModel) -> Iterator[dict[str, Tensor]]:
+    """Relax every binary mask to a float leaf tensor that requires grad (eq. 7); yields them by linear name.
+
+    While active, the PAD forward uses ``l_d*M*W_i + l_s*(1-M)*W_static`` with the float ``M``.
+    """
+    linears = pad_linears(model)
+    relaxed = {}
+    try:
+        for name, linear in linears.items():
+            relaxed[name] = linear.mask.to(linear.static_weight.dtype).requires_grad_(True)
+            linear.soft_mask = relaxed[name]
+        yield relaxed
+    finally:
+        for linear in linears.values():
+            linear.soft_mask = None
+
+
+def mask_gradients(
+    model: PADMoEPreTrainedModel, batches: Iterable[Batch], *, progress: Any | None = None
+) -> dict[str, Tensor]:
+    """Eq. 7: ``g = dL/dM`` at the current weights and masks, summed over `batches` (and over DDP ranks).
+
+    One forward-backward per batch (`torch.autograd.grad` w.r.t. the relaxed masks only, so no
+    parameter `.grad` is written). The model runs in eval mode (no dropout).
+
+    Returns:
+        `{linear name: g}`, each `g` of shape `(out, in)` (fp32 or wider), signed. ``g_j`` approximates
+        ``L(M) - L(M - t_j)`` of eq. 6 for a dynamic element ``j``.
+    """
+    model = check_model(model)
+    batches = materialize_batches(batches)
+    grads = {name: _accumulator(linear.mask) for name, linear in pad_linears(model).items()}
+    with scoring_mode(model), soft_masks(model) as relaxed:
+        names = list(relaxed)
+        for index, batch in enumerate(batches):
+            loss = task_loss(model, batch, index=index)
+            batch_grads = torch.autograd.grad(loss, [relaxed[n] for n in names], allow_unused=True)
+            for name, g in zip(names, batch_grads):
+                if g is not None:
+                    grads[name] += g
+            if progress is not None:
+                progress.update(1)
+    all_reduce_sum(list(grads.values()))
+    return grads
+
+
+def expert_weight_gradients(
+    model: PADMoEPreTrainedModel, batches: Iterable[Batch], *, progress: Any | None = None
+) -> dict[str, Tensor]:
+    """``dL/dW_i`` of every expert weight, summed over `batches` (and DDP ranks); `(E, out, in)` per linear.
+
+    Computed with `torch.autograd.grad`, so no parameter `.grad` is written.
+    """
+    model = check_model(model)
+    batches = materialize_batches(batches)
+    linears = pad_linears(model)
+    names = list(linears)
+    params = [linears[n].expert_weight for n in names]
+    grads = {name: _accumulator(linears[name].expert_weight) for name in names}
+    with scoring_mode(model), requires_grad(params):
+        for index, batch in enumerate(batches):
+            loss = task_loss(model, batch, index=index)
+            for name, g in zip(names, torch.autograd.grad(loss, params, allow_unused=True)):
+                if g is not None:
+                    grads[name] += g
+            if progress is not None:
+                progress.update(1)
+    all_reduce_sum(list(grads.values()))
+    return grads
+
+
+def connection_sensitivity(
+    model: PADMoEPreTrainedModel, batches: Iterable[Batch], *, progress: Any | None = None
+) -> dict[str, Tensor]:
+    """Option (c): ``sum_i |W_i * dL/dW_i|`` (SNIP's saliency summed over the experts), `(out, in)` per linear."""
+    model = check_model(model)
+    grads = expert_weight_gradients(model, batches, progress=progress)
+    linears = pad_linears(model)
+    return {
+        name: (linears[name].expert_weight.detach().to(g.dtype) * g).abs().sum(dim=0) for name, g in grads.items()
+    }
+
+
+@contextlib.contextmanager
+def expert_warmup(
+    model: PADMoEPreTrainedModel,
+    batches: Iterable[Batch],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    progress: Any | None = None,
+) -> Iterator[None]:
+    """Option (a): train only the expert weights for `steps` Adam steps, yield, then restore them bitwise.
+
+    Step ``s`` uses batch ``s % len(batches)`` and the current masks (static entries get no gradient).
+    Under DDP the gradients are averaged over ranks, so every rank warms up identically. The Adam
+    state is local to this function and the parameters' `.grad` is never written: nothing is left
+    behind once the context exits (also on error). Costs `steps` forward-backward passes and two
+    extra copies of the expert weights in memory (Adam moments) plus one for the restore.
+    """
+    model = check_model(model)
+    batches = materialize_batches(batches)
+    if steps < 0:
+        raise ValueError(f"warm-up steps must be >= 0, got {steps}.")
+    params = [linear.expert_weight for linear in pad_linears(model).values()]
+    saved = [p.detach().clone() for p in params]
+    try:
+        if steps:
+            exp_avg = [torch.zeros_like(p, dtype=_accumulator(p).dtype) for p in params]
+            exp_avg_sq = [torch.zeros_like(m) for m in exp_avg]
+            beta1, beta2 = betas
+            with scoring_mode(model), requires_grad(params):
+                for step in range(1, steps + 1):
+                    index = (step - 1) % len(batches)
+                    loss = task_loss(model, batches[index], index=index)
+                    grads = [
+                        torch.zeros_like(m) if g is None else g.to(m.dtype)
+                        for g, m in zip(torch.autograd.grad(loss, params, allow_unused=True), exp_avg)
+                    ]
+                    all_reduce_sum(grads)
+                    with torch.no_grad():
+                        for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+                            g.div_(world_size())
+                            m.mul_(beta1).add_(g, alpha=1 - beta1)
+                            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                            denom = (v / (1 - beta2**step)).sqrt_().add_(eps)
+                            p.sub_((lr / (1 - beta1**step)) * m / denom)
+                    if progress is not None:
+                        progress.update(1)
+            del exp_avg, exp_avg_sq
+        yield
+    finally:
+        with torch.no_grad():
+            for p, original in zip(params, saved):
+                p.copy_(original)
+
+
+def perturb_experts(model: PADMoEPreTrainedModel, relative_std: float = 0.01, seed: int = 0) -> None:
+    """Option (b): add independent Gaussian noise to every expert weight, in place (it stays in the model).
+
+    The noise of linear ``l`` has std ``relative_std * std(W_static of l)``, drawn from a CPU
+    generator seeded with `seed` (the same on every rank). Off by default everywhere: call it right
+    after upcycling, before partitioning, if you want eq. 7 at the upcycled point to be non-zero.
+    """
+    model = check_model(model)
+    if relative_std < 0:
+        raise ValueError(f"relative_std must be >= 0, got {relative_std}.")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for linear in pad_linears(model).values():
+            weight = linear.expert_weight
+            std = float(linear.static_weight.float().std()) * relative_std
+            noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * std
+            weight.add_(noise.to(device=weight.device, dtype=weight.dtype))
+
+
+def normalize_scores(
+    raw: dict[str, Tensor], masks: dict[str, Tensor], scope: str = "linear"
+) -> dict[str, Tensor]:
+    """Eq. 8: ``s_j = |g_j| / |sum_k g_k|``, the sum over the dynamic elements of the scope.
+
+    `scope="linear"` normalises each linear by its own sum, `scope="global"` by one sum over all
+    linears (eq. 8 as written). A zero sum leaves the magnitudes unnormalised. The ranking inside a
+    scope, hence the partition, does not depend on this normalisation.
+
+    Args:
+        raw: `{name: (out, in)}` signed derivatives (or non-negative saliencies).
+        masks: `{name: (out, in)}` bool, True = dynamic (only those enter the sums).
+    """
+    if scope == "global":
+        total = sum(float(raw[n][masks[n]].double().sum()) for n in raw)
+        sums = dict.fromkeys(raw, abs(total))
+    else:
+        sums = {n: abs(float(raw[n][masks[n]].double().sum())) for n in raw}
+    return {n: raw[n].abs() / (sums[n] if sums[n] > 0 else 1.0) for n in raw}

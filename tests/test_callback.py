@@ -1,0 +1,119 @@
+"""`IMPTrainerCallback`: partition at train begin, nothing left behind, skips partitioned models."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments, default_data_collator
+
+import pad_moe_transformers as pmt
+from pad_moe_transformers.callbacks import take_batches
+from pad_moe_transformers.partition import apply_partition, pad_linears, partition_model
+from test_partition import _tiny_model
+
+
+class _PairDataset(Dataset):
+    def __init__(self, n: int = 24, seq: int = 10, seed: int = 5) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(1, 50, (n, seq), generator=generator)
+        self.labels = torch.randint(0, 2, (n,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "attention_mask": torch.ones_like(self.input_ids[i]), "labels": self.labels[i]}
+
+
+class _ExplodingLoader:
+    def __iter__(self):
+        raise AssertionError("the callback must not read batches here")
+
+
+def _args(tmp_path, **kwargs) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+def _train_one_step(tmp_path, model, callbacks=()):
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_PairDataset(), callbacks=list(callbacks))
+    trainer.train()
+    return trainer
+
+
+def test_first_step_is_the_same_as_without_the_callback_apart_from_the_mask(tmp_path):
+    """Dropout is on and the sampler is random: this only holds if the callback restores every RNG."""
+    callback = pmt.IMPTrainerCallback(dynamic_ratio=0.5, num_batches=2, rounds=2)
+    with_cb = _tiny_model(seed=0)
+    _train_one_step(tmp_path / "a", with_cb, [callback])
+    assert callback.result is not None and with_cb.config.is_partitioned
+    assert callback.result.metadata["num_batches"] == 2
+
+    without_cb = _tiny_model(seed=0)
+    apply_partition(without_cb, callback.result.masks, callback.result.metadata)
+    _train_one_step(tmp_path / "b", without_cb)
+    for (name, a), b in zip(with_cb.named_parameters(), without_cb.parameters()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(with_cb.parameters(), _tiny_model(seed=0).parameters()))
+
+
+def test_leaves_no_gradients_or_optimizer_state(tmp_path, caplog):
+    model = _tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = DataLoader(_PairDataset(), batch_size=4, shuffle=True, collate_fn=default_data_collator)
+    callback = pmt.IMPTrainerCallback(dynamic_ratio=0.3, num_batches=3, rounds=2)
+    with caplog.at_level(logging.INFO, logger="pad_moe_transformers"):
+        callback.on_train_begin(_args(tmp_path), TrainerState(), TrainerControl(), model=model,
+                                train_dataloader=loader, optimizer=optimizer)
+    assert all(p.grad is None for p in model.parameters())
+    assert len(optimizer.state) == 0
+    assert model.config.partition["achieved_dynamic_ratio"] == callback.result.dynamic_ratios
+    for name, linear in pad_linears(model).items():
+        assert abs(linear.num_dynamic() - 0.3 * linear.mask.numel()) <= 1
+        assert f"{name}={linear.dynamic_ratio():.4f}" in caplog.text  # per-layer ratios are logged
+
+
+def test_does_nothing_when_already_partitioned(tmp_path):
+    args, control = _args(tmp_path), TrainerControl()
+    partitioned = _tiny_model()
+    partition_model(partitioned, [next(iter(DataLoader(_PairDataset(), batch_size=4)))], method="random", progress=False)
+    masks = {n: lin.mask.clone() for n, lin in pad_linears(partitioned).items()}
+    callback = pmt.IMPTrainerCallback()
+    callback.on_train_begin(args, TrainerState(), control, model=partitioned, train_dataloader=_ExplodingLoader())
+    assert callback.result is None
+    assert all(torch.equal(masks[n], lin.mask) for n, lin in pad_linears(partitioned).items())
+
+    # A resumed run: the checkpoint's masks were loaded into a model whose config has no metadata.
+    resumed = _tiny_model()
+    apply_partition(resumed, masks)
+    resumed.config.partition = None
+    callback.on_train_begin(args, TrainerState(), control, model=resumed, train_dataloader=_ExplodingLoader())
+    fresh = _tiny_model()
+    callback.on_train_begin(args, TrainerState(global_step=10), control, model=fresh, train_dataloader=_ExplodingLoader())
+    assert callback.result is None and not fresh.config.is_partitioned
+
+
+def test_take_batches_and_argument_errors():
+    loader = DataLoader(_PairDataset(n=8), batch_size=4)
+    assert len(take_batches(loader, 10)) == 2 and len(take_batches(loader, 1)) == 1
+    with pytest.raises(ValueError, match="num_batches"):
+        pmt.IMPTrainerCallback(num_batches=0)
+    with pytest.raises(ValueError, match="method"):
+        pmt.IMPTrainerCallback(method="lth")
+    with pytest.raises(TypeError, match="PAD-MoE model"):
+        pmt.IMPTrainerCallback().on_train_begin(None, TrainerState(), TrainerControl(), model=torch.nn.Linear(2, 2))
