@@ -1,0 +1,130 @@
+"""The checkpoint format itself: version, metadata keys, layouts, file and tensor names, the bit packing
+of masks, and how a model maps onto them (its PAD linears, config fingerprint and layout).
+
+Pure definitions: nothing here reads or writes files or raises `PADCheckpointError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..pad_linear import PADExpertLinear
+
+FORMAT_VERSION = 1
+"""Version of the compact checkpoint format written by this package (readers accept 1..FORMAT_VERSION)."""
+
+METADATA_VERSION = "pad_moe.format_version"
+METADATA_LAYOUT = "pad_moe.layout"
+METADATA_CONFIG = "pad_moe.config"
+METADATA_LINEARS = "pad_moe.linears"
+
+LAYOUT_COMPACT = "compact"
+LAYOUT_MOE = "moe"
+LAYOUTS = (LAYOUT_COMPACT, LAYOUT_MOE)
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+# Tensors of a PAD linear that the compact layouts replace.
+RAW_SUFFIXES = ("expert_weight", "static_weight", "mask")
+COMPACT_SUFFIXES = ("mask_packed", "static_values", "expert_values")
+_BIT_WEIGHTS = [1 << i for i in range(8)]  # bit i of a byte <-> element 8*byte + i (LSB first)
+
+
+# --------------------------------------------------------------------------------------------- file names
+def add_variant(name: str, variant: str | None) -> str:
+    if not variant:
+        return name
+    stem, ext = name.split(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def weights_stem(weights_name: str) -> str:
+    """`model.x.safetensors` -> `model.x` (the stem of the shard and index names)."""
+    return weights_name[: -len(".safetensors")]
+
+
+# --------------------------------------------------------------------------------------------- masks
+def pack_mask(mask: Tensor) -> Tensor:
+    """Bit-pack a boolean mask: row-major order, 8 entries per byte, entry ``8 * b + i`` in bit ``i``
+    (LSB first) of byte ``b``, unused bits of the last byte zero. Same as
+    ``numpy.packbits(mask.ravel(), bitorder="little")``."""
+    flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32)
+    return (flat.view(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+
+
+def packed_mask_bytes(numel: int) -> int:
+    """Length of the packed form of a mask of `numel` entries: ``ceil(numel / 8)``."""
+    return (numel + 7) // 8
+
+
+def _bits(packed: Tensor) -> Tensor:
+    """Every bit of the packed bytes, as a flat int32 tensor of 0/1 in entry order (padding bits included)."""
+    shifts = torch.arange(8, dtype=torch.int32)
+    return ((packed.reshape(-1).to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(-1)
+
+
+def unpack_mask(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of `pack_mask`: a flat bool tensor of `numel` entries."""
+    return _bits(packed)[:numel].bool()
+
+
+def popcount(packed: Tensor) -> int:
+    """Number of set bits of a packed mask (padding bits included)."""
+    return int(_bits(packed).sum())
+
+
+# --------------------------------------------------------------------------------------------- model side
+def pad_linear_modules(model: nn.Module) -> dict[str, PADExpertLinear]:
+    """`{state-dict prefix (ending in '.'): PADExpertLinear}` of every PAD linear of `model`."""
+    return {f"{name}.": module for name, module in model.named_modules() if isinstance(module, PADExpertLinear)}
+
+
+def pad_prefix_of(key: str, linears: Mapping[str, Any]) -> str | None:
+    """The PAD-linear prefix (ending in '.') that the state-dict `key` belongs to, or None."""
+    prefix = key.rsplit(".", 1)[0] + "."
+    return prefix if prefix in linears else None
+
+
+def linear_shape(linear: PADExpertLinear) -> list[int]:
+    """`[out, in]` of a PAD linear, as stored in `pad_moe.linears`."""
+    return [linear.out_features, linear.in_features]
+
+
+def tied_weight_keys(model: nn.Module) -> set[str]:
+    """State-dict names of the weights tied to another (stored once, re-tied on load)."""
+    return set(getattr(model, "all_tied_weights_keys", {}) or {})
+
+
+def pad_config_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """The config fields that the tensors of a checkpoint depend on (stored as `pad_moe.config`)."""
+    config = model.config
+    layers = [index for index, _ in model.named_pad_layers()] if hasattr(model, "named_pad_layers") else None
+    return {
+        "base_model_type": config.base_model_type,
+        "num_experts": config.num_experts,
+        "scale_factor_mode": config.scale_factor_mode,
+        "partition_granularity": getattr(config, "partition_granularity", "element"),
+        "moe_layers": layers,
+        "partitioned": bool(config.is_partitioned),
+    }
+
+
+def checkpoint_layout(model: nn.Module, state_dict: Mapping[str, Tensor] | None = None) -> str:
+    """`"compact"` once the model is partitioned or any mask has a static entry, else `"moe"`."""
+    if getattr(model.config, "is_partitioned", False):
+        return LAYOUT_COMPACT
+    for prefix, linear in pad_linear_modules(model).items():
+        mask = state_dict.get(prefix + "mask") if state_dict is not None else None
+        mask = linear.mask if mask is None else mask
+        if not bool(mask.all()):
+            return LAYOUT_COMPACT
+    return LAYOUT_MOE

@@ -1,0 +1,264 @@
+"""Checks that refuse a bad checkpoint with a `PADCheckpointError` naming the file, tensor or config
+field at fault: file integrity, header metadata against the config, and the stored tensors against
+the model the config builds."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor, nn
+
+from ..pad_linear import PADExpertLinear
+from .format import (
+    COMPACT_SUFFIXES,
+    FORMAT_VERSION,
+    LAYOUT_MOE,
+    LAYOUTS,
+    METADATA_CONFIG,
+    METADATA_LAYOUT,
+    METADATA_LINEARS,
+    METADATA_VERSION,
+    RAW_SUFFIXES,
+    linear_shape,
+    packed_mask_bytes,
+    pad_config_fingerprint,
+    pad_prefix_of,
+    popcount,
+)
+
+_HEADER_LIMIT = 100 * 1024 * 1024
+
+
+class PADCheckpointError(ValueError):
+    """A PAD-MoE checkpoint is malformed or does not match the model config. The message names the
+    tensor, file or config field at fault."""
+
+
+def fail(message: str) -> NoReturn:
+    raise PADCheckpointError(message)
+
+
+# --------------------------------------------------------------------------------------------- files
+def check_file_integrity(path: str) -> None:
+    """Raise a `PADCheckpointError` if the file is shorter than its safetensors header says."""
+    name = os.path.basename(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            fail(f"Checkpoint file {name} is truncated or empty ({size} bytes).")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > _HEADER_LIMIT or 8 + header_len > size:
+            fail(
+                f"Checkpoint file {name} is truncated or corrupt: its header claims {header_len} bytes but the "
+                f"file has {size} bytes."
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as error:
+            raise PADCheckpointError(f"Checkpoint file {name} has a corrupt safetensors header: {error}") from None
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise PADCheckpointError(f"Checkpoint file {name} has a corrupt header entry for tensor {key!r}.") from None
+    if 8 + header_len + end != size:
+        fail(
+            f"Checkpoint file {name} is truncated or corrupt: its header needs {8 + header_len + end} bytes, "
+            f"the file has {size}."
+        )
+
+
+# --------------------------------------------------------------------------------------------- metadata
+def check_metadata(metadata: Mapping[str, str], config: Any, model: nn.Module | None = None) -> str:
+    """Validate the format version, the layout and the config fingerprint; return the layout."""
+    version = metadata.get(METADATA_VERSION)
+    if version is None:
+        fail(
+            f"The checkpoint has no {METADATA_VERSION!r} metadata field: it was not written by "
+            "pad_moe_transformers' `save_pretrained` (or was re-saved by another tool). Re-save it with "
+            "`PADMoE*.save_pretrained`."
+        )
+    try:
+        version_int = int(version)
+    except ValueError:
+        version_int = None
+    if version_int is None or version_int < 1:
+        fail(f"Invalid checkpoint metadata field {METADATA_VERSION}={version!r} (expected an integer >= 1).")
+    if version_int > FORMAT_VERSION:
+        from .. import __version__
+
+        fail(
+            f"The checkpoint metadata field {METADATA_VERSION}={version_int} is newer than the formats this "
+            f"pad_moe_transformers {__version__} reads (up to {FORMAT_VERSION}). Upgrade pad_moe_transformers."
+        )
+    layout = metadata.get(METADATA_LAYOUT)
+    if layout not in LAYOUTS:
+        fail(f"Checkpoint metadata field {METADATA_LAYOUT}={layout!r} is not one of {list(LAYOUTS)}.")
+    raw = metadata.get(METADATA_CONFIG)
+    if raw is None:
+        fail(f"The checkpoint has no {METADATA_CONFIG!r} metadata field.")
+    try:
+        saved = json.loads(raw)
+        assert isinstance(saved, dict)
+    except (ValueError, AssertionError):
+        fail(f"Checkpoint metadata field {METADATA_CONFIG!r} is not a JSON object: {raw!r}.")
+    current = pad_config_fingerprint(model) if model is not None else None
+    for key, value in saved.items():
+        if current is None or key not in current:
+            continue
+        if current[key] != value:
+            field_name = {"base_model_type": "base_config.model_type", "partitioned": "partition"}.get(key, key)
+            if key == "partitioned":
+                fail(
+                    f"Config field 'partition' does not match the checkpoint: the config says the model is "
+                    f"{'' if current[key] else 'not '}partitioned (partition={config.partition!r}) but the tensors "
+                    f"were saved from a {'partitioned' if value else 'never-partitioned'} model."
+                )
+            fail(
+                f"Config field {field_name!r} does not match the checkpoint: the config has {current[key]!r}, the "
+                f"tensors were written with {value!r}."
+            )
+    if layout == LAYOUT_MOE and current is not None and current["partitioned"]:
+        fail(
+            "Config field 'partition' does not match the checkpoint: the config says the model is partitioned but "
+            "the tensors are a fully dynamic MoE (layout 'moe', no masks)."
+        )
+    return layout
+
+
+def check_saved_linears(metadata: Mapping[str, str], linears: Mapping[str, PADExpertLinear]) -> None:
+    """Every PAD linear listed in `pad_moe.linears` exists in the model, with the same `[out, in]`."""
+    try:
+        saved_linears = json.loads(metadata.get(METADATA_LINEARS, "{}"))
+    except ValueError:
+        saved_linears = {}
+    for name, shape in saved_linears.items():
+        linear = linears.get(name + ".")
+        if linear is None:
+            fail(
+                f"The checkpoint has a PAD linear {name!r} that the config does not create (check config fields "
+                "'moe_layers' and 'base_config')."
+            )
+        if list(shape) != linear_shape(linear):
+            fail(
+                f"PAD linear {name!r} was saved with weight shape {list(shape)} but the config builds "
+                f"{linear_shape(linear)} (check the config's hidden/intermediate sizes)."
+            )
+
+
+# --------------------------------------------------------------------------------------------- tensors
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def require_tensor(tensors: Mapping[str, Tensor], prefix: str, suffix: str, layout: str) -> Tensor:
+    """`tensors[prefix + suffix]`, which the `layout` stores for the PAD linear `prefix`."""
+    key = prefix + suffix
+    if key not in tensors:
+        fail(f"Missing tensor {key!r} ({layout} layout) of the PAD linear {prefix[:-1]!r}.")
+    return tensors[key]
+
+
+def _check_float(key: str, tensor: Tensor) -> None:
+    if not tensor.is_floating_point():
+        fail(f"Tensor {key!r} has dtype {tensor.dtype}; a floating-point dtype is expected.")
+
+
+def _experts_shape_error(key: str, found: tuple, expected: tuple) -> NoReturn:
+    if len(found) == len(expected) and found[0] != expected[0]:
+        fail(
+            f"Tensor {key!r} holds {found[0]} experts but config field 'num_experts' is {expected[0]} "
+            f"(shape {list(found)}, expected {list(expected)})."
+        )
+    fail(
+        f"Tensor {key!r} has shape {list(found)}, expected {list(expected)} (check the config's "
+        "hidden/intermediate sizes)."
+    )
+
+
+def check_dense_experts(prefix: str, linear: PADExpertLinear, expert: Tensor) -> None:
+    """The `expert_weight` `[E, out, in]` of a `moe`-layout PAD linear."""
+    key = prefix + "expert_weight"
+    _check_float(key, expert)
+    expected = (linear.num_experts, linear.out_features, linear.in_features)
+    if _shape(expert) != expected:
+        _experts_shape_error(key, _shape(expert), expected)
+
+
+def check_packed_mask(prefix: str, linear: PADExpertLinear, packed: Tensor) -> int:
+    """The `mask_packed` of a compact PAD linear: dtype, length, zero padding bits. Returns its set bits."""
+    key = prefix + "mask_packed"
+    out_features, in_features = linear.out_features, linear.in_features
+    numel = out_features * in_features
+    if packed.dtype != torch.uint8:
+        fail(f"Tensor {key!r} has dtype {packed.dtype}; the packed mask must be uint8.")
+    n_bytes = packed_mask_bytes(numel)
+    if _shape(packed) != (n_bytes,):
+        fail(
+            f"Tensor {key!r} has shape {list(packed.shape)}; a [{out_features}, {in_features}] mask packs into "
+            f"[{n_bytes}] bytes (check the config's hidden/intermediate sizes)."
+        )
+    if numel % 8 and int(packed[-1]) >> (numel % 8):
+        fail(f"Tensor {key!r} has bits set past the {numel} mask entries (padding bits must be zero).")
+    return popcount(packed)
+
+
+def check_compact_values(
+    prefix: str, linear: PADExpertLinear, nnz: int, static_values: Tensor, expert_values: Tensor
+) -> None:
+    """The `static_values` / `expert_values` of a compact PAD linear whose packed mask has `nnz` set bits."""
+    key = prefix + "mask_packed"
+    numel = linear.out_features * linear.in_features
+    _check_float(prefix + "static_values", static_values)
+    _check_float(prefix + "expert_values", expert_values)
+    if expert_values.dim() != 2 or expert_values.shape[0] != linear.num_experts:
+        _experts_shape_error(prefix + "expert_values", _shape(expert_values), (linear.num_experts, nnz))
+    if expert_values.shape[1] != nnz:
+        fail(
+            f"Tensor {prefix}expert_values stores {expert_values.shape[1]} values per expert but {key} has {nnz} "
+            "set bits (dynamic entries); the mask and the values do not belong together."
+        )
+    if _shape(static_values) != (numel - nnz,):
+        fail(
+            f"Tensor {prefix}static_values has shape {list(static_values.shape)} but {key} has {numel - nnz} "
+            f"unset bits (static entries): expected [{numel - nnz}]."
+        )
+
+
+def check_state_tensor(key: str, tensor: Tensor, want: Tensor) -> None:
+    """A tensor stored under its own state-dict name: same shape, same kind of dtype as the model's."""
+    if _shape(tensor) != _shape(want):
+        fail(f"Tensor {key!r} has shape {list(tensor.shape)}, the config builds {list(want.shape)}.")
+    if tensor.is_floating_point() != want.is_floating_point() or (
+        not want.is_floating_point() and tensor.dtype != want.dtype
+    ):
+        fail(f"Tensor {key!r} has dtype {tensor.dtype}, the model expects {want.dtype}.")
+
+
+def check_no_unexpected(unexpected: list[str], linears: Mapping[str, PADExpertLinear]) -> None:
+    """Refuse tensors that the model does not have (e.g. PAD tensors of a layer the config does not convert)."""
+    if not unexpected:
+        return
+    hint = ""
+    pad_suffixes = COMPACT_SUFFIXES + RAW_SUFFIXES
+    if any(pad_prefix_of(k, linears) is None and k.rsplit(".", 1)[-1] in pad_suffixes for k in unexpected):
+        hint = " (PAD tensors of a layer the config does not convert: check config field 'moe_layers')"
+    more = " ..." if len(unexpected) > 5 else ""
+    fail(f"Unexpected tensor(s) in the checkpoint{hint}: {sorted(unexpected)[:5]}" + more)
+
+
+def check_no_missing(expected: Iterable[str], found: Mapping[str, Tensor], tied: set[str]) -> None:
+    """Every state-dict entry of the model, except tied weights, is in `found`."""
+    missing = sorted(k for k in expected if k not in found and k not in tied)
+    if missing:
+        more = f" (and {len(missing) - 1} more)." if len(missing) > 1 else "."
+        fail(f"Missing tensor {missing[0]!r} in the checkpoint" + more)
