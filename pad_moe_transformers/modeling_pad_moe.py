@@ -221,10 +221,10 @@ class PADMoEPreTrainedModel(PreTrainedModel):
 
     # ------------------------------------------------------------------------- checkpoints & Hub (issue #4)
     # Compact safetensors checkpoints (docs/checkpoint_format.md) and the generated model card. Thin
-    # hooks: the logic lives in `checkpoint.py` and `modelcard.py`.
+    # hooks: the logic lives in the `checkpoint` package and `modelcard.py`.
     @classmethod
     def _load_pad_checkpoint(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        """Load a checkpoint written by `save_pretrained`: validated and decoded by `checkpoint.py`,
+        """Load a checkpoint written by `save_pretrained`: validated and decoded by the `checkpoint` package,
         then built by Transformers' loader from the dense state dict (dtype, device map, fp32 router)."""
         from .checkpoint import load_pad_checkpoint
 
