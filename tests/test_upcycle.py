@@ -82,18 +82,23 @@ def test_upcycled_equals_dense_minilm(minilm_path):
     assert sorted(usage) == list(range(6)) and sum(usage[0]) == int(mask.sum()) * 2
 
 
-def test_no_missing_or_unexpected_ffn_keys_when_upcycling(tiny_bert_config, tmp_path, caplog):
+def test_no_missing_or_unexpected_ffn_keys_when_upcycling(tiny_bert_config, tmp_path):
     AutoModel.from_config(tiny_bert_config).save_pretrained(tmp_path)  # no classifier in the checkpoint
     config = pmt.PADMoEConfig.from_base(str(tmp_path), num_labels=2)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.enable_propagation()
+    # A handler on the library's root logger sees the load report whatever other code did to
+    # propagation or handlers (e.g. an example script's logging set-up earlier in the session).
+    records: list[str] = []
+    handler = logging.Handler(level=logging.DEBUG)
+    handler.emit = lambda record: records.append(record.getMessage())
+    library_logger = hf_logging.get_logger()
+    library_logger.addHandler(handler)
     try:
-        with caplog.at_level(logging.INFO):
-            AutoModelForSequenceClassification.from_pretrained(tmp_path, config=config)
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, config=config)
     finally:
-        hf_logging.disable_propagation()
-    text = caplog.text
+        library_logger.removeHandler(handler)
+    text = "\n".join(records)
     assert "classifier" in text, "the load report (new classifier head) must have been captured"
     for fragment in ("intermediate", "output.dense", "expert_weight", "static_weight", "router", "mask"):
         assert fragment not in text, f"load report mentions {fragment!r}:\n{text}"
