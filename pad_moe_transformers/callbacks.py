@@ -42,7 +42,8 @@ class IMPTrainerCallback(TrainerCallback):
     """Partition a PAD-MoE model (IMP by default) on the first training batches when training begins.
 
     Args:
-        dynamic_ratio: target fraction ``kappa`` of each FFN weight that stays dynamic.
+        dynamic_ratio: target fraction ``kappa`` of each FFN weight that stays dynamic (of each MoE layer's
+            intermediate neurons for a model with ``partition_granularity="neuron"``).
         num_batches: training batches used for scoring (the paper uses 10). Fewer are used if the
             dataloader is shorter; under DDP each rank uses its own first batches.
         rounds: IMP rounds (exponential schedule ``kappa ** (t / rounds)``).
@@ -131,12 +132,14 @@ class IMPTrainerCallback(TrainerCallback):
                 progress=self.progress and not args.disable_tqdm,
             )
         pad_model.zero_grad(set_to_none=True)
-        ratios = self.result.dynamic_ratios
+        neuron = self.result.neuron_dynamic_ratios is not None
+        ratios = self.result.neuron_dynamic_ratios if neuron else self.result.dynamic_ratios
+        total = self.result.metadata["neuron_dynamic_ratio_total" if neuron else "achieved_dynamic_ratio_total"]
         logger.info(
             f"IMPTrainerCallback: {self.method} partition on {len(batches)} batches in {self.result.seconds:.1f}s, "
-            f"dynamic ratio per linear: "
+            f"dynamic {'neuron ratio per layer' if neuron else 'ratio per linear'}: "
             + ", ".join(f"{name}={ratio:.4f}" for name, ratio in ratios.items())
-            + f" (total {self.result.metadata['achieved_dynamic_ratio_total']:.4f})"
+            + f" (total {total:.4f})"
         )
 
 

@@ -6,10 +6,13 @@ Usable without the Trainer::
     result = partition_model(model, batches, method="imp", dynamic_ratio=0.5)  # batches: labelled dicts
     result.dynamic_ratios  # {"layer.0.fc_in": 0.5, ...}; model.config.partition holds the metadata
 
+With ``config.partition_granularity="neuron"`` whole FFN intermediate neurons are partitioned
+(``result.neuron_masks``: ``{"layer.0": (I,) bool}``).
+
 See ``docs/partition.md`` for the scores, the upcycling tie ("trap") and the measured comparison.
 """
 
-from ._common import pad_linears
+from ._common import linear_masks_of_neurons, neuron_masks, pad_layers, pad_linears
 from .algorithms import (
     DEFAULT_ROUNDS,
     DEFAULT_SCORE,
@@ -28,6 +31,8 @@ from .scores import (
     expert_warmup,
     expert_weight_gradients,
     mask_gradients,
+    neuron_mask_gradients,
+    neuron_sums,
     normalize_scores,
     perturb_experts,
     soft_masks,
@@ -48,9 +53,14 @@ __all__ = [
     "expert_warmup",
     "expert_weight_gradients",
     "imp_schedule",
+    "linear_masks_of_neurons",
     "mask_gradients",
     "moe_p_prune",
+    "neuron_mask_gradients",
+    "neuron_masks",
+    "neuron_sums",
     "normalize_scores",
+    "pad_layers",
     "pad_linears",
     "partition_loss",
     "partition_model",

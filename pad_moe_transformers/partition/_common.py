@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..modeling_pad_moe import PADMoEPreTrainedModel
+from ..moe import PADMoEFeedForward
 from ..pad_linear import PADExpertLinear
 
 Batch = Mapping[str, Any]
@@ -19,18 +20,24 @@ Batch = Mapping[str, Any]
 
 _LABEL_KEYS = ("labels", "start_positions")
 
+GRANULARITIES = ("element", "neuron")
+"""What one mask decision covers: one weight element, or one FFN intermediate neuron (a row of fc_in and
+the matching column of fc_out, plus its fc_in bias)."""
+
+
+def partition_granularity(model: PADMoEPreTrainedModel) -> str:
+    return getattr(model.config, "partition_granularity", "element")
+
 
 def check_model(model: Any) -> PADMoEPreTrainedModel:
     """Return `model` (or the PAD model it wraps, e.g. under DDP) or raise a `TypeError` saying what to pass."""
     for candidate in (model, getattr(model, "module", None)):
         if isinstance(candidate, PADMoEPreTrainedModel):
-            granularity = getattr(candidate.config, "partition_granularity", "element")
-            if granularity != "element":
+            granularity = partition_granularity(candidate)
+            if granularity not in GRANULARITIES:
                 raise ValueError(
-                    f"Mode partition scores single weight elements (partition_granularity='element'); this model "
-                    f"has partition_granularity={granularity!r}, whose masks must be structured and which this "
-                    "module does not partition yet. Build the model with partition_granularity='element', or set "
-                    "neuron masks with `PADMoEFeedForward.set_neuron_mask`."
+                    f"Mode partition supports partition_granularity in {list(GRANULARITIES)}; this model has "
+                    f"partition_granularity={granularity!r}."
                 )
             return candidate
     raise TypeError(
@@ -47,6 +54,45 @@ def pad_linears(model: PADMoEPreTrainedModel) -> dict[str, PADExpertLinear]:
         for index, moe in model.named_pad_layers()
         for name, linear in moe.pad_linears().items()
     }
+
+
+def pad_layers(model: PADMoEPreTrainedModel) -> dict[str, PADMoEFeedForward]:
+    """All PAD-MoE layers of the model in order, named ``"layer.{i}"`` (the prefix of their linears' names)."""
+    return {f"layer.{index}": moe for index, moe in model.named_pad_layers()}
+
+
+def neuron_masks(model: PADMoEPreTrainedModel) -> dict[str, Tensor]:
+    """The current `(I,)` bool neuron masks by layer name (True = dynamic); raises if a mask is not structured."""
+    return {name: moe.neuron_mask().clone() for name, moe in pad_layers(model).items()}
+
+
+def linear_masks_of_neurons(model: PADMoEPreTrainedModel, neurons: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Expand `{layer name: (I,) bool}` to the `(out, in)` masks of its linears (fc_in rows, fc_out columns)."""
+    masks = {}
+    for name, moe in pad_layers(model).items():
+        n = neurons[name].to(device=moe.fc_in.mask.device, dtype=torch.bool)
+        masks[f"{name}.fc_in"] = n.unsqueeze(1).expand_as(moe.fc_in.mask).clone()
+        masks[f"{name}.fc_out"] = n.unsqueeze(0).expand_as(moe.fc_out.mask).clone()
+    return masks
+
+
+@contextlib.contextmanager
+def element_path(model: PADMoEPreTrainedModel) -> Iterator[None]:
+    """Run every MoE layer through the generic eq. 4 path while active (restored on exit).
+
+    The neuron fast path reads the binary mask only, so the float relaxation of eq. 7
+    (`PADExpertLinear.soft_mask`) would have no effect there. For neuron-structured binary masks both
+    paths compute the same function; for element models this is a no-op.
+    """
+    layers = list(pad_layers(model).values())
+    before = [moe.partition_granularity for moe in layers]
+    try:
+        for moe in layers:
+            moe.partition_granularity = "element"
+        yield
+    finally:
+        for moe, granularity in zip(layers, before):
+            moe.partition_granularity = granularity
 
 
 def materialize_batches(batches: Iterable[Batch]) -> list[Batch]:

@@ -7,13 +7,20 @@ dynamic (exponential schedule, eq. 9 thresholding), re-scoring with the current 
 Only dynamic elements can become static. MP is IMP with one round; Random draws a seeded random
 mask at the same ratio. `scope="linear"` keeps exactly ``round(kappa * n)`` elements of each linear,
 `scope="global"` uses one threshold over all linears.
+
+With ``config.partition_granularity="neuron"`` the unit is an FFN intermediate neuron instead of an
+element: the neuron score is eq. 7 for one mask variable per neuron (the signed element derivatives
+summed over fc_in row ``j`` and fc_out column ``j``, plus the fc_in bias term; see
+`neuron_mask_gradients`), `scope="linear"` keeps exactly ``round(kappa * I)`` neurons of each MoE
+layer, `scope="global"` uses one threshold over all layers, and the masks are set with
+`PADMoEFeedForward.set_neuron_mask`, so they are exactly structured.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,19 +30,31 @@ from transformers.utils import logging
 
 from ..modeling_pad_moe import PADMoEPreTrainedModel
 from ..pad_linear import PADExpertLinear
+from ..moe import PADMoEFeedForward
 from ._common import (
     Batch,
     agree_on_batch_count,
     broadcast_masks,
     check_model,
     is_main_process,
+    linear_masks_of_neurons,
     materialize_batches,
+    neuron_masks,
+    pad_layers,
     pad_linears,
+    partition_granularity,
     round_count,
     world_size,
 )
 from .postprocess import apply_partition, format_ratios, moe_p_prune
-from .scores import connection_sensitivity, expert_warmup, mask_gradients, normalize_scores
+from .scores import (
+    connection_sensitivity,
+    expert_warmup,
+    mask_gradients,
+    neuron_mask_gradients,
+    neuron_sums,
+    normalize_scores,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -60,7 +79,11 @@ class PartitionResult:
     seconds: float = 0.0
     forward_backward_passes: int = 0
     round_dynamic_counts: list[int] = field(default_factory=list)
-    """Dynamic elements over all linears after each round."""
+    """Dynamic units over all linears (elements) or all layers (neurons, granularity "neuron") after each round."""
+    neuron_masks: dict[str, Tensor] | None = None
+    """Granularity "neuron" only: the final `(I,)` bool neuron masks by layer name (``"layer.0"``, ...)."""
+    neuron_dynamic_ratios: dict[str, float] | None = None
+    """Granularity "neuron" only: achieved fraction of dynamic neurons per layer."""
 
 
 def imp_schedule(dynamic_ratio: float, rounds: int) -> list[float]:
@@ -76,15 +99,16 @@ def select_masks(
     """Eq. 9: keep the highest-scoring elements dynamic so that `ratio` of all elements stay dynamic.
 
     Only currently dynamic elements (``masks`` True) are candidates, so static elements stay static.
-    Ties are broken by position (stable sort), so the result is deterministic.
+    Ties are broken by position (stable sort), so the result is deterministic. The units may have any
+    shape: `(out, in)` elements of a linear, or `(I,)` neurons of a MoE layer.
 
     Args:
-        scores: `{name: (out, in)}` scores; higher = more important to keep dynamic.
-        masks: `{name: (out, in)}` bool current masks.
-        ratio: fraction of each linear (`scope="linear"`) or of all elements (`"global"`) kept dynamic.
+        scores: `{name: (out, in)}` (or `(I,)`) scores; higher = more important to keep dynamic.
+        masks: `{name: same shape}` bool current masks.
+        ratio: fraction of each unit group (`scope="linear"`) or of all units (`"global"`) kept dynamic.
 
     Returns:
-        New `{name: (out, in)}` bool masks, a subset of `masks`.
+        New `{name: same shape}` bool masks, a subset of `masks`.
     """
     _check_scope(scope)
     names = list(scores)
@@ -127,23 +151,38 @@ def _experts_equal_static(linear: PADExpertLinear, mask: Tensor) -> bool:
         return not bool((differs & mask).any())
 
 
+def _layer_equals_static(moe: PADMoEFeedForward, neurons: Tensor) -> bool:
+    """Neuron granularity: True when every dynamic neuron's fc_in row, fc_out column and fc_in bias equal the
+    (scaled) static copies in every expert, so the neuron derivative is exactly zero."""
+    in_mask = neurons.unsqueeze(1).expand_as(moe.fc_in.mask)
+    out_mask = neurons.unsqueeze(0).expand_as(moe.fc_out.mask)
+    if not (_experts_equal_static(moe.fc_in, in_mask) and _experts_equal_static(moe.fc_out, out_mask)):
+        return False
+    fc_in = moe.fc_in
+    if fc_in.expert_bias is None or fc_in.static_bias is None:
+        return True
+    with torch.no_grad():
+        return not bool(((fc_in.expert_bias != fc_in.static_bias).any(dim=0) & neurons).any())
+
+
 def _check_not_tied(
-    raw: dict[str, Tensor], masks: dict[str, Tensor], scope: str, score: str, linears: dict[str, PADExpertLinear]
+    raw: dict[str, Tensor], masks: dict[str, Tensor], scope: str, score: str, equals_static: Callable[[str], bool]
 ) -> None:
     """Refuse scores that carry no information over a scope unit: the partition would be arbitrary.
 
-    For the eq. 7 scores the test is structural: if every expert equals the (scaled) static weight on
-    every dynamic entry, the true derivative is exactly zero and what autograd returns is rounding
-    noise (~1e-12: the two paths through ``M`` and ``1 - M`` cancel only up to float rounding).
+    For the eq. 7 scores the test is structural (`equals_static(name)` for each linear, or each layer
+    with neuron granularity): if every expert equals the (scaled) static weight on every dynamic entry,
+    the true derivative is exactly zero and what autograd returns is rounding noise (~1e-12: the two
+    paths through ``M`` and ``1 - M`` cancel only up to float rounding).
     """
     units = [[n] for n in raw] if scope == "linear" else [list(raw)]
     for unit in units:
         if score == "connection":
             tied = all(not bool((raw[n][masks[n]] != 0).any()) for n in unit)
         else:
-            tied = all(_experts_equal_static(linears[n], masks[n]) for n in unit)
+            tied = all(equals_static(n) for n in unit)
         if tied:
-            where = unit[0] if scope == "linear" else "all linears"
+            where = unit[0] if scope == "linear" else ("all linears" if ".fc_" in unit[0] else "all MoE layers")
             hint = (
                 "The experts equal the static weight (upcycled copies with l_s = l_d), so "
                 "dW_eff/dM = l_d*W_i - l_s*W_static = 0 and eq. 7 is exactly zero: every score ties. Use "
@@ -172,6 +211,9 @@ def partition_model(
 ) -> PartitionResult:
     """Partition every PAD linear of `model` into dynamic and static elements, in place.
 
+    With ``model.config.partition_granularity == "neuron"`` whole FFN intermediate neurons are
+    partitioned instead (see the module docstring); `method="moe_p"` is element-only.
+
     Args:
         model: an unpartitioned PAD-MoE model (fully dynamic, e.g. right after upcycling).
         batches: labelled mini-batches (mappings of model inputs), e.g. the first 10 training batches.
@@ -180,7 +222,8 @@ def partition_model(
             with the parameter count PAD has at `dynamic_ratio`; see `moe_p_prune`).
         dynamic_ratio: target ``kappa``; defaults to `model.config.dynamic_ratio`.
         rounds: IMP rounds (ignored by the other methods).
-        scope: ``"linear"`` (exact ratio per linear) or ``"global"`` (one threshold over all linears).
+        scope: ``"linear"`` (exact ratio per linear; per MoE layer for neurons) or ``"global"`` (one
+            threshold over all linears / layers).
         score: ``"warmup_grad"`` (eq. 7 after a short expert warm-up that is undone), ``"grad"``
             (eq. 7 at the current weights) or ``"connection"`` (``sum_i |W_i dL/dW_i|``).
         seed: seed of the random mask (``"random"``); recorded for all methods.
@@ -199,6 +242,14 @@ def partition_model(
     if score not in SCORES:
         raise ValueError(f"score must be one of {list(SCORES)}, got {score!r}.")
     _check_scope(scope)
+    granularity = partition_granularity(model)
+    if method == "moe_p" and granularity != "element":
+        raise ValueError(
+            "method='moe_p' (SNIP pruning of single expert entries, paper Table 5) is defined for "
+            f"partition_granularity='element' only; this model has partition_granularity={granularity!r}. "
+            "Use method='imp', 'mp' or 'random' for neuron-structured PAD, or build the MoE-P baseline from an "
+            "element-granularity model."
+        )
     if model.config.is_partitioned and not overwrite:
         raise ValueError(
             f"The model is already partitioned ({model.config.partition.get('method')!r}); pass overwrite=True "
@@ -220,9 +271,12 @@ def partition_model(
     if warmup_steps is None:
         warmup_steps = len(batches)
     use_warmup = method != "random" and score == "warmup_grad" and warmup_steps > 0
+    neuron = granularity == "neuron"
     linears = pad_linears(model)
+    layers = pad_layers(model)
     original = {n: lin.mask.clone() for n, lin in linears.items()}
-    masks = {n: m.clone() for n, m in original.items()}
+    # The partitioned units: elements of each linear `(out, in)`, or neurons of each MoE layer `(I,)`.
+    masks = neuron_masks(model) if neuron else {n: m.clone() for n, m in original.items()}
     passes = (warmup_steps if use_warmup else 0) + (0 if method == "random" else rounds * len(batches))
     bar = logging.tqdm(
         total=passes, desc=f"Mode partition ({method})", unit="batch", disable=not (progress and is_main_process())
@@ -238,17 +292,22 @@ def partition_model(
                     generator = torch.Generator().manual_seed(seed)
                     scores = {n: torch.rand(m.shape, generator=generator, dtype=torch.float64) for n, m in masks.items()}
                 else:
-                    raw = (
-                        connection_sensitivity(model, batches, progress=bar)
-                        if score == "connection"
-                        else mask_gradients(model, batches, progress=bar)
-                    )
-                    _check_not_tied(raw, masks, scope, score, linears)
+                    raw = _raw_scores(model, batches, score, neuron, bar)
+                    if neuron:
+                        equals_static = lambda n: _layer_equals_static(layers[n], masks[n])  # noqa: E731
+                    else:
+                        equals_static = lambda n: _experts_equal_static(linears[n], masks[n])  # noqa: E731
+                    _check_not_tied(raw, masks, scope, score, equals_static)
                     scores = normalize_scores(raw, masks, scope)
                 masks = select_masks(scores, masks, ratio, scope)
                 broadcast_masks(masks)
-                for n, lin in linears.items():
-                    lin.mask.copy_(masks[n])  # the next round scores with the current mask
+                # The next round scores with the current mask.
+                if neuron:
+                    for n, moe in layers.items():
+                        moe.set_neuron_mask(masks[n])
+                else:
+                    for n, lin in linears.items():
+                        lin.mask.copy_(masks[n])
                 counts.append(int(sum(int(m.sum()) for m in masks.values())))
     except BaseException:
         for n, lin in linears.items():
@@ -259,6 +318,7 @@ def partition_model(
 
     metadata = {
         "method": method,
+        "granularity": granularity,
         "score": None if method == "random" else score,
         "scope": scope,
         "target_dynamic_ratio": kappa,
@@ -270,13 +330,35 @@ def partition_model(
         "warmup_lr": warmup_lr if use_warmup else None,
         "world_size": world_size(),
     }
-    ratios = apply_partition(model, masks, metadata)
-    logger.info(f"Mode partition ({method}, kappa={kappa}) done; dynamic ratio per linear:\n{format_ratios(ratios)}")
+    final = linear_masks_of_neurons(model, masks) if neuron else masks
+    ratios = apply_partition(model, final, metadata)
+    meta = dict(model.config.partition)
+    if neuron:
+        logger.info(
+            f"Mode partition ({method}, neurons, kappa={kappa}) done; dynamic neuron ratio per layer:\n"
+            f"{format_ratios(meta['neuron_dynamic_ratio'])}"
+        )
+    else:
+        logger.info(f"Mode partition ({method}, kappa={kappa}) done; dynamic ratio per linear:\n{format_ratios(ratios)}")
     return PartitionResult(
-        masks={n: m.clone() for n, m in masks.items()},
+        masks={n: m.clone() for n, m in final.items()},
         dynamic_ratios=ratios,
-        metadata=dict(model.config.partition),
+        metadata=meta,
         seconds=time.perf_counter() - start,
         forward_backward_passes=passes,
         round_dynamic_counts=counts,
+        neuron_masks={n: m.clone() for n, m in masks.items()} if neuron else None,
+        neuron_dynamic_ratios=dict(meta["neuron_dynamic_ratio"]) if neuron else None,
     )
+
+
+def _raw_scores(
+    model: PADMoEPreTrainedModel, batches: list[Batch], score: str, neuron: bool, progress: Any
+) -> dict[str, Tensor]:
+    """The unnormalised scores of every unit: `{linear: (out, in)}`, or `{layer: (I,)}` for neurons."""
+    if score == "connection":
+        saliency = connection_sensitivity(model, batches, progress=progress)
+        return neuron_sums(model, saliency) if neuron else saliency
+    if neuron:
+        return neuron_mask_gradients(model, batches, progress=progress)
+    return mask_gradients(model, batches, progress=progress)

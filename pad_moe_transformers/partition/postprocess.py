@@ -5,6 +5,13 @@ Post-processing (paper Fig. 2): each expert's entries with ``M = 0`` and the sta
 hook: eq. 4 gives them exactly zero gradient (``torch.where`` in `PADExpertLinear`), so Adam/AdamW
 (fresh state, decoupled weight decay) leave them at zero. The mask is a persistent buffer, hence saved
 with the model; the metadata goes to ``model.config.partition`` (saved in ``config.json``).
+
+With ``partition_granularity="neuron"`` the masks must be neuron-structured and are written with
+`PADMoEFeedForward.set_neuron_mask`. The fc_in bias then follows the neuron too: a static neuron
+reads the shared ``static_bias``, a dynamic neuron its experts' ``expert_bias``. So the fc_in
+``expert_bias`` entries of static neurons and the ``static_bias`` entries of dynamic neurons are
+unused as well, get exactly zero gradient (the neuron forward only indexes the used slices), and are
+zeroed. The metadata records the granularity and the dynamic neuron ratio per layer.
 """
 
 from __future__ import annotations
@@ -18,7 +25,17 @@ from transformers.utils import logging
 
 from ..modeling_pad_moe import PADMoEPreTrainedModel
 from ..pad_linear import PADExpertLinear
-from ._common import Batch, broadcast_masks, check_model, is_main_process, pad_linears, round_count, world_size
+from ._common import (
+    Batch,
+    broadcast_masks,
+    check_model,
+    is_main_process,
+    pad_layers,
+    pad_linears,
+    partition_granularity,
+    round_count,
+    world_size,
+)
 from .scores import expert_weight_gradients
 
 if TYPE_CHECKING:
@@ -34,8 +51,11 @@ def apply_partition(
 
     Args:
         masks: `{linear name: (out, in) bool}` for every PAD linear (names as in `pad_linears`), True = dynamic.
-        metadata: JSON-serialisable facts about how the masks were made (method, seed, ...); the achieved
-            ratios are added. `config.dynamic_ratio` is set to ``metadata["target_dynamic_ratio"]`` if given.
+            For a neuron-granularity model they must be neuron-structured (`linear_masks_of_neurons` builds
+            them from `{layer name: (I,)}`); the fc_in bias entries of the unused copy are zeroed too.
+        metadata: JSON-serialisable facts about how the masks were made (method, seed, ...); the granularity
+            and the achieved ratios (per linear, and per layer in neurons) are added. `config.dynamic_ratio`
+            is set to ``metadata["target_dynamic_ratio"]`` if given.
 
     Returns:
         The achieved dynamic ratio per linear.
@@ -47,23 +67,61 @@ def apply_partition(
             f"Masks must be given for exactly the PAD linears {sorted(linears)}; missing "
             f"{sorted(set(linears) - set(masks))}, unknown {sorted(set(masks) - set(linears))}."
         )
+    for name, linear in linears.items():
+        if tuple(masks[name].shape) != tuple(linear.mask.shape):
+            raise ValueError(f"Mask of {name} has shape {tuple(masks[name].shape)}, expected {tuple(linear.mask.shape)}.")
+    granularity = partition_granularity(model)
+    neurons = _neurons_of(model, masks) if granularity == "neuron" else None
     with torch.no_grad():
+        if neurons is not None:
+            for name, moe in pad_layers(model).items():
+                moe.set_neuron_mask(neurons[name])
         for name, linear in linears.items():
-            mask = masks[name]
-            if tuple(mask.shape) != tuple(linear.mask.shape):
-                raise ValueError(f"Mask of {name} has shape {tuple(mask.shape)}, expected {tuple(linear.mask.shape)}.")
-            mask = mask.to(device=linear.mask.device, dtype=torch.bool)
-            linear.mask.copy_(mask)
+            mask = masks[name].to(device=linear.mask.device, dtype=torch.bool)
+            if neurons is None:
+                linear.mask.copy_(mask)  # neuron masks were written above, structured by construction
             linear.expert_weight.masked_fill_(~mask, 0.0)  # (out, in) mask broadcast over the experts
             linear.static_weight.masked_fill_(mask, 0.0)
+        if neurons is not None:
+            for name, moe in pad_layers(model).items():
+                dynamic = neurons[name].to(moe.fc_in.mask.device)
+                if moe.fc_in.expert_bias is not None:
+                    moe.fc_in.expert_bias.masked_fill_(~dynamic, 0.0)  # (I,) broadcast over the experts
+                if moe.fc_in.static_bias is not None:
+                    moe.fc_in.static_bias.masked_fill_(dynamic, 0.0)
     ratios = {name: linear.dynamic_ratio() for name, linear in linears.items()}
     meta = dict(metadata or {})
+    meta["granularity"] = granularity
     meta["achieved_dynamic_ratio"] = ratios
     meta["achieved_dynamic_ratio_total"] = _total_ratio(linears)
+    if neurons is not None:
+        meta["neuron_dynamic_ratio"] = {n: int(m.sum()) / m.numel() for n, m in neurons.items()}
+        meta["dynamic_neurons"] = {n: int(m.sum()) for n, m in neurons.items()}
+        meta["intermediate_size"] = {n: int(m.numel()) for n, m in neurons.items()}
+        meta["neuron_dynamic_ratio_total"] = sum(meta["dynamic_neurons"].values()) / sum(
+            meta["intermediate_size"].values()
+        )
     model.config.partition = meta
     if meta.get("target_dynamic_ratio") is not None:
         model.config.dynamic_ratio = float(meta["target_dynamic_ratio"])
     return ratios
+
+
+def _neurons_of(model: PADMoEPreTrainedModel, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`{layer name: (I,) bool}` from neuron-structured linear masks; raises for any other mask."""
+    neurons = {}
+    for name in pad_layers(model):
+        m_in, m_out = masks[f"{name}.fc_in"].bool(), masks[f"{name}.fc_out"].bool().to(masks[f"{name}.fc_in"].device)
+        n = m_in.any(dim=1)
+        if not (torch.equal(m_in, n.unsqueeze(1).expand_as(m_in)) and torch.equal(m_out, n.unsqueeze(0).expand_as(m_out))):
+            raise ValueError(
+                f"The masks of {name} are not neuron-structured, but the model has partition_granularity='neuron': "
+                "each row of fc_in's mask and the matching column of fc_out's mask must be all True (dynamic "
+                "neuron) or all False (static neuron). Build them with `linear_masks_of_neurons`, or use "
+                "partition_model, which partitions whole neurons for such models."
+            )
+        neurons[name] = n
+    return neurons
 
 
 def _total_ratio(linears: dict[str, PADExpertLinear]) -> float:

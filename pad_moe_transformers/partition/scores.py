@@ -15,6 +15,14 @@ in ``docs/partition.md``:
   and the weights are restored afterwards (score ``"warmup_grad"``, the default);
 - `perturb_experts`: small per-expert noise at upcycling, which stays in the model (score ``"grad"``);
 - `expert_weight_gradients` -> connection sensitivity ``sum_i |W_i * dL/dW_i|`` (score ``"connection"``).
+
+With ``partition_granularity="neuron"`` one mask variable ``m_j`` covers a whole intermediate neuron
+(row ``j`` of fc_in, column ``j`` of fc_out and the fc_in bias), so by the chain rule
+
+    dL/dm_j = sum_k g_in[j, k] + sum_k g_out[k, j] + sum_i dL/db_i[j] * (b_i[j] - b_static[j])
+
+(`neuron_mask_gradients`; the signed sum is taken before any magnitude). `neuron_sums` sums
+element scores (e.g. the connection saliency) the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from ._common import (
     Batch,
     all_reduce_sum,
     check_model,
+    element_path,
     materialize_batches,
+    pad_layers,
     pad_linears,
     requires_grad,
     scoring_mode,
@@ -79,7 +89,8 @@ def mask_gradients(
     model = check_model(model)
     batches = materialize_batches(batches)
     grads = {name: _accumulator(linear.mask) for name, linear in pad_linears(model).items()}
-    with scoring_mode(model), soft_masks(model) as relaxed:
+    # The neuron fast path ignores the float relaxation; the generic path computes the same function.
+    with scoring_mode(model), element_path(model), soft_masks(model) as relaxed:
         names = list(relaxed)
         for index, batch in enumerate(batches):
             loss = task_loss(model, batch, index=index)
@@ -87,6 +98,67 @@ def mask_gradients(
             for name, g in zip(names, batch_grads):
                 if g is not None:
                     grads[name] += g
+            if progress is not None:
+                progress.update(1)
+    all_reduce_sum(list(grads.values()))
+    return grads
+
+
+def neuron_sums(model: PADMoEPreTrainedModel, element_scores: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sum `(out, in)` element scores per intermediate neuron: row ``j`` of fc_in plus column ``j`` of fc_out.
+
+    Args:
+        element_scores: `{linear name: (out, in)}` as `pad_linears` names them.
+
+    Returns:
+        `{layer name: (I,)}` (layer names as `pad_layers` gives them, e.g. ``"layer.0"``).
+    """
+    return {
+        name: element_scores[f"{name}.fc_in"].sum(dim=1) + element_scores[f"{name}.fc_out"].sum(dim=0)
+        for name in pad_layers(model)
+    }
+
+
+def neuron_mask_gradients(
+    model: PADMoEPreTrainedModel, batches: Iterable[Batch], *, progress: Any | None = None
+) -> dict[str, Tensor]:
+    """Eq. 7 for neuron-structured masks: ``dL/dm_j`` of each intermediate neuron, summed over `batches`.
+
+    One relaxed mask variable ``m_j`` per neuron switches row ``j`` of fc_in, column ``j`` of fc_out
+    and (when fc_in has a shared static bias) the fc_in bias of neuron ``j`` between the expert and
+    the static copies, so ``dL/dm_j`` is the signed sum of the element derivatives of eq. 7 over that
+    row and column plus the bias term ``sum_i dL/db_i[j] * (b_i[j] - b_static[j])``. One forward-backward
+    per batch, in eval mode, with `torch.autograd.grad` (no `.grad` is written); summed over DDP ranks.
+
+    Returns:
+        `{layer name: (I,)}` signed (fp32 or wider). Entries of static neurons are meaningless (not candidates).
+    """
+    model = check_model(model)
+    batches = materialize_batches(batches)
+    layers = pad_layers(model)
+    # Only fc_in's bias is switched by the neuron mask (fc_out's output units are the hidden size).
+    biased = [n for n, moe in layers.items() if moe.fc_in.expert_bias is not None and moe.fc_in.static_bias is not None]
+    bias_params = [layers[n].fc_in.expert_bias for n in biased]
+    grads = {name: _accumulator(moe.fc_in.static_weight[:, 0]) for name, moe in layers.items()}
+    dtype = next(iter(grads.values())).dtype if grads else torch.float32
+    for moe in layers.values():
+        moe.neuron_mask()  # raises for masks that are not neuron-structured
+    with scoring_mode(model), element_path(model), soft_masks(model) as relaxed, requires_grad(bias_params):
+        names = list(relaxed)
+        for index, batch in enumerate(batches):
+            loss = task_loss(model, batch, index=index)
+            out = torch.autograd.grad(loss, [relaxed[n] for n in names] + bias_params, allow_unused=True)
+            element = {
+                n: torch.zeros(relaxed[n].shape, dtype=dtype, device=relaxed[n].device) if g is None else g.to(dtype)
+                for n, g in zip(names, out[: len(names)])
+            }
+            for name, g in neuron_sums(model, element).items():
+                grads[name] += g
+            for name, g in zip(biased, out[len(names) :]):
+                if g is not None:
+                    fc_in = layers[name].fc_in
+                    diff = (fc_in.expert_bias.detach().to(dtype) - fc_in.static_bias.detach().to(dtype))
+                    grads[name] += (g.to(dtype) * diff).sum(dim=0)
             if progress is not None:
                 progress.update(1)
     all_reduce_sum(list(grads.values()))
