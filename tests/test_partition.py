@@ -294,7 +294,9 @@ def _ddp_worker(rank: int, port: int, queue) -> None:
         for score in ("warmup_grad", "connection"):
             model = _tiny_model().double()
             result = partition_model(model, batches, dynamic_ratio=0.4, rounds=2, score=score, progress=False)
-            out[score] = {n: m.clone() for n, m in result.masks.items()}
+            # numpy, not tensors: torch shares tensors through file descriptors that vanish
+            # when this process exits before the parent has read them.
+            out[score] = {n: m.numpy().copy() for n, m in result.masks.items()}
         queue.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -309,7 +311,10 @@ def test_ddp_ranks_end_with_the_same_mask():
     procs = [ctx.Process(target=_ddp_worker, args=(rank, port, queue)) for rank in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
+    results = {
+        rank: {score: {n: torch.from_numpy(m) for n, m in masks.items()} for score, masks in out.items()}
+        for rank, out in (queue.get(timeout=120) for _ in procs)
+    }
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
