@@ -139,15 +139,6 @@ def test_run_glue_end_to_end(run_glue, tiny_model, glue_dir, tmp_path, task, mod
         assert model.config.label2id == {"entailment": 0, "not_entailment": 1}
 
 
-def _has_callback() -> bool:
-    try:
-        from pad_moe_transformers.callbacks import IMPTrainerCallback  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_callback(), reason="pad_moe_transformers.callbacks.IMPTrainerCallback not available yet")
 @pytest.mark.parametrize(
     "task, mode, extra, method",
     [
