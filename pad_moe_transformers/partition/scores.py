@@ -74,6 +74,18 @@ def soft_masks(model: PADMoEPreTrainedModel) -> Iterator[dict[str, Tensor]]:
             linear.soft_mask = None
 
 
+def _batch_gradients(
+    model: PADMoEPreTrainedModel, batches: list[Batch], inputs: list[Tensor], progress: Any | None
+) -> Iterator[tuple[Tensor | None, ...]]:
+    """Per batch, ``dL/d inputs`` of the task loss: one forward-backward with `torch.autograd.grad`
+    (no parameter `.grad` is written); ticks `progress` once per batch."""
+    for index, batch in enumerate(batches):
+        loss = task_loss(model, batch, index=index)
+        yield torch.autograd.grad(loss, inputs, allow_unused=True)
+        if progress is not None:
+            progress.update(1)
+
+
 def mask_gradients(
     model: PADMoEPreTrainedModel, batches: Iterable[Batch], *, progress: Any | None = None
 ) -> dict[str, Tensor]:
@@ -92,14 +104,10 @@ def mask_gradients(
     # The neuron fast path ignores the float relaxation; the generic path computes the same function.
     with scoring_mode(model), element_path(model), soft_masks(model) as relaxed:
         names = list(relaxed)
-        for index, batch in enumerate(batches):
-            loss = task_loss(model, batch, index=index)
-            batch_grads = torch.autograd.grad(loss, [relaxed[n] for n in names], allow_unused=True)
+        for batch_grads in _batch_gradients(model, batches, [relaxed[n] for n in names], progress):
             for name, g in zip(names, batch_grads):
                 if g is not None:
                     grads[name] += g
-            if progress is not None:
-                progress.update(1)
     all_reduce_sum(list(grads.values()))
     return grads
 
@@ -145,9 +153,7 @@ def neuron_mask_gradients(
         moe.neuron_mask()  # raises for masks that are not neuron-structured
     with scoring_mode(model), element_path(model), soft_masks(model) as relaxed, requires_grad(bias_params):
         names = list(relaxed)
-        for index, batch in enumerate(batches):
-            loss = task_loss(model, batch, index=index)
-            out = torch.autograd.grad(loss, [relaxed[n] for n in names] + bias_params, allow_unused=True)
+        for out in _batch_gradients(model, batches, [relaxed[n] for n in names] + bias_params, progress):
             element = {
                 n: torch.zeros(relaxed[n].shape, dtype=dtype, device=relaxed[n].device) if g is None else g.to(dtype)
                 for n, g in zip(names, out[: len(names)])
@@ -159,8 +165,6 @@ def neuron_mask_gradients(
                     fc_in = layers[name].fc_in
                     diff = (fc_in.expert_bias.detach().to(dtype) - fc_in.static_bias.detach().to(dtype))
                     grads[name] += (g.to(dtype) * diff).sum(dim=0)
-            if progress is not None:
-                progress.update(1)
     all_reduce_sum(list(grads.values()))
     return grads
 
@@ -179,13 +183,10 @@ def expert_weight_gradients(
     params = [linears[n].expert_weight for n in names]
     grads = {name: _accumulator(linears[name].expert_weight) for name in names}
     with scoring_mode(model), requires_grad(params):
-        for index, batch in enumerate(batches):
-            loss = task_loss(model, batch, index=index)
-            for name, g in zip(names, torch.autograd.grad(loss, params, allow_unused=True)):
+        for batch_grads in _batch_gradients(model, batches, params, progress):
+            for name, g in zip(names, batch_grads):
                 if g is not None:
                     grads[name] += g
-            if progress is not None:
-                progress.update(1)
     all_reduce_sum(list(grads.values()))
     return grads
 
