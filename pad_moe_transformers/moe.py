@@ -156,18 +156,22 @@ class PADMoEFeedForward(nn.Module):
         """Two callables `expert -> (out, in)` weight of eq. 4 for fc_in and fc_out.
 
         Under inference (eval mode, no autograd) the merged weights of all experts are cached and
-        reused, so a PAD layer costs what a plain MoE layer costs. Otherwise the static term is
-        formed once per forward and each expert's weight once, only for experts that got tokens.
+        reused, so a PAD layer costs what a plain MoE layer costs. In training all experts' weights
+        are formed by one fused autograd node per linear (`merged_weights_for_training`).
         """
         if self._use_inference_cache():
             merged_in = self.fc_in.merged_weights_for_inference()
             merged_out = self.fc_out.merged_weights_for_inference()
             return merged_in.__getitem__, merged_out.__getitem__
-        static_in, static_out = self.fc_in.static_term(), self.fc_out.static_term()
-        return (
-            lambda e: self.fc_in.expert_weight_eff(e, static_in),
-            lambda e: self.fc_out.expert_weight_eff(e, static_out),
-        )
+        if self.fc_in.soft_mask is not None:  # IMP scoring: the relaxed mask needs the generic path
+            static_in, static_out = self.fc_in.static_term(), self.fc_out.static_term()
+            return (
+                lambda e: self.fc_in.expert_weight_eff(e, static_in),
+                lambda e: self.fc_out.expert_weight_eff(e, static_out),
+            )
+        merged_in = self.fc_in.merged_weights_for_training()
+        merged_out = self.fc_out.merged_weights_for_training()
+        return merged_in.__getitem__, merged_out.__getitem__
 
     def _use_inference_cache(self) -> bool:
         return not self.training and not torch.is_grad_enabled() and self.fc_in.soft_mask is None

@@ -18,6 +18,44 @@ import torch
 from torch import Tensor, nn
 
 
+class _MergedPADWeights(torch.autograd.Function):
+    """Eq. 4 for all experts at once with a hand-written backward.
+
+    Autograd's own backward of ``where(M, l_d * W, l_s * W_static)`` materialises both branches of
+    the ``where`` and the product ``grad * W`` as full `(E, out, in)` temporaries; this one masks the
+    gradient once, reduces the scale-factor gradients with dot products and scales in place, which
+    roughly halves the memory traffic of the training step's PAD overhead.
+    """
+
+    @staticmethod
+    def forward(ctx, expert_weight: Tensor, static_weight: Tensor, mask: Tensor, l_s: Tensor, l_d: Tensor) -> Tensor:
+        static_term = torch.where(mask, 0.0, static_weight * l_s)
+        ctx.save_for_backward(expert_weight, static_weight, mask, l_s, l_d)
+        merged = torch.empty_like(expert_weight)
+        for expert in range(expert_weight.shape[0]):  # per expert: temporaries stay cache-sized
+            torch.where(mask, expert_weight[expert] * l_d, static_term, out=merged[expert])
+        return merged
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        expert_weight, static_weight, mask, l_s, l_d = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_expert = grad_static = grad_l_s = grad_l_d = None
+        if needs[0] or needs[4]:
+            dynamic_grad = grad.masked_fill(~mask, 0.0)  # (E, out, in)
+            if needs[4]:
+                grad_l_d = torch.dot(dynamic_grad.reshape(-1), expert_weight.reshape(-1))
+            if needs[0]:
+                grad_expert = dynamic_grad.mul_(l_d)
+        if needs[1] or needs[3]:
+            static_grad = grad.sum(dim=0).masked_fill_(mask, 0.0)  # (out, in)
+            if needs[3]:
+                grad_l_s = torch.dot(static_grad.reshape(-1), static_weight.reshape(-1))
+            if needs[1]:
+                grad_static = static_grad.mul_(l_s)
+        return grad_expert, grad_static, None, grad_l_s, grad_l_d
+
+
 class PADExpertLinear(nn.Module):
     """Stacked expert weights `(E, out, in)`, the shared static weight `(out, in)`, the mask and the scales.
 
@@ -121,6 +159,15 @@ class PADExpertLinear(nn.Module):
         """Eq. 4 for all experts at once, shape `(E, out, in)`."""
         static_term = self.static_term()
         return torch.stack([self.expert_weight_eff(e, static_term) for e in range(self.num_experts)])
+
+    def merged_weights_for_training(self) -> tuple[Tensor, ...]:
+        """Eq. 4 for all experts as a tuple of `(out, in)` weights, built by one fused autograd node.
+
+        Same values and gradients as `expert_weight_eff` for a binary mask (tested); `unbind` so
+        that each expert's weight gradient lands in one stacked tensor, not in E full-size copies.
+        """
+        l_s, l_d = self.scale_factors()
+        return _MergedPADWeights.apply(self.expert_weight, self.static_weight, self.mask, l_s, l_d).unbind(0)
 
     def merged_weights_for_inference(self) -> Tensor:
         """`merged_weights()` computed once and reused while no input tensor changes.

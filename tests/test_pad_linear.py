@@ -92,3 +92,20 @@ def test_upcycled_linear_equals_dense_for_any_mask():
     for expert in range(4):
         torch.testing.assert_close(linear.expert_weight_eff(expert), dense.weight.detach())
         torch.testing.assert_close(linear.expert_bias_of(expert), dense.bias.detach())
+
+
+@pytest.mark.parametrize("mode", ["sum2", "none", "static_only", "dynamic_only", "free"])
+def test_fused_training_weights_match_autograd_reference(mode):
+    linear = _random_pad_linear(mode)
+    upstream = torch.randn(linear.num_experts, linear.out_features, linear.in_features)
+    fused = torch.stack(linear.merged_weights_for_training())
+    reference = torch.stack([linear.expert_weight_eff(e) for e in range(linear.num_experts)])
+    torch.testing.assert_close(fused, reference)
+    params = [p for p in linear.parameters() if p.requires_grad]
+    grads_fused = torch.autograd.grad((fused * upstream).sum(), params, allow_unused=True)
+    grads_ref = torch.autograd.grad((reference * upstream).sum(), params, allow_unused=True)
+    for name, a, b in zip([n for n, p in linear.named_parameters() if p.requires_grad], grads_fused, grads_ref):
+        if b is None:
+            assert a is None or torch.all(a == 0), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
