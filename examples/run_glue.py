@@ -47,6 +47,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.glue import GLUE_HUB_DATASET, GLUE_TASKS, METRIC_BACKENDS, build_compute_metrics, get_task, load_glue_tsv
+from pad_moe_transformers.training import pad_optimizer_cls_and_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,14 @@ class PADArguments:
     scale_factor_mode: str | None = field(
         default=None,
         metadata={"help": "Scale factors of eq. 4 (default: PADMoEConfig's, sum2).", "choices": list(pmt.SCALE_FACTOR_MODES)},
+    )
+    router_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak lr of the (randomly initialised) routers (default: --learning_rate)."}
+    )
+    scale_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Peak lr of the scale factors l_s/l_d, which get no weight decay (default: --learning_rate; "
+                  "see pad_moe_transformers/training.py for why a larger one can matter)."},
     )
 
 
@@ -293,6 +302,18 @@ def build_partition_callback(pad_args: PADArguments):
     return IMPTrainerCallback(**kwargs)
 
 
+def build_optimizer(model, training_args: TrainingArguments, pad_args: PADArguments):
+    """Own lr groups for routers / scale factors when asked; otherwise the Trainer's default optimizer."""
+    if pad_args.router_learning_rate is None and pad_args.scale_learning_rate is None:
+        return None
+    if not isinstance(model, pmt.PADMoEPreTrainedModel):
+        raise ValueError("--router_learning_rate / --scale_learning_rate need a PAD-MoE model (not --mode static).")
+    return pad_optimizer_cls_and_kwargs(
+        model, training_args, router_learning_rate=pad_args.router_learning_rate,
+        scale_learning_rate=pad_args.scale_learning_rate,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the example; returns the evaluation metrics (empty without --do_eval)."""
     model_args, data_args, pad_args, training_args = parse_args(argv)
@@ -398,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         data_collator=data_collator,
         compute_metrics=build_compute_metrics(task, backend=data_args.metric_backend),
         callbacks=callbacks,
+        optimizer_cls_and_kwargs=build_optimizer(model, training_args, pad_args),
     )
 
     # ------------------------------------------------------------------ train

@@ -76,3 +76,8 @@ from .checkpoint import PADCheckpointError, theoretical_checkpoint_size  # noqa:
 from .modelcard import build_model_card  # noqa: E402
 
 __all__ += ["CHECKPOINT_FORMAT_VERSION", "PADCheckpointError", "build_model_card", "theoretical_checkpoint_size"]
+
+# Optimizer groups with their own lr for routers and scale factors (pad_moe_transformers/training.py).
+from .training import pad_optimizer_cls_and_kwargs, pad_optimizer_grouped_parameters  # noqa: E402
+
+__all__ += ["pad_optimizer_cls_and_kwargs", "pad_optimizer_grouped_parameters"]

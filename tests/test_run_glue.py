@@ -142,7 +142,7 @@ def test_run_glue_end_to_end(run_glue, tiny_model, glue_dir, tmp_path, task, mod
 @pytest.mark.parametrize(
     "task, mode, extra, method",
     [
-        ("rte", "pad", ["--partition", "mp"], "mp"),
+        ("rte", "pad", ["--partition", "mp", "--scale_learning_rate", "1e-2", "--router_learning_rate", "3e-3"], "mp"),
         ("stsb", "pad", ["--partition", "imp", "--partition_rounds", "2"], "imp"),
         ("rte", "moe_pruned", [], "moe_p"),
     ],
@@ -161,6 +161,11 @@ def test_run_glue_partitioned_modes(run_glue, tiny_model, glue_dir, tmp_path, ta
     # The partitioned checkpoint evaluates to the same loss when loaded back (eval only, no new partition).
     again = run_glue.main([a for a in _argv(task, mode, str(out), glue_dir, tmp_path / "eval_only") if a != "--do_train"])
     assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
+
+
+def test_new_parameter_learning_rates_need_a_pad_model(run_glue, tiny_model, glue_dir, tmp_path):
+    with pytest.raises(ValueError, match="need a PAD-MoE model"):
+        run_glue.main(_argv("rte", "static", tiny_model, glue_dir, tmp_path / "out", "--scale_learning_rate", "1e-2"))
 
 
 def test_pad_mode_without_callback_is_explained(run_glue, monkeypatch):
