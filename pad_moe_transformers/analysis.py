@@ -1,0 +1,275 @@
+"""Dynamic-property measures (paper sec. 5.5, Figure 6): per FFN layer, how much the computed
+parameters and the outputs vary across input samples.
+
+    from pad_moe_transformers.analysis import dynamic_property
+    result = dynamic_property(model, batches)          # dense, MoE or PAD model; batches of input_ids/attention_mask
+    result.layers[0].parameter_variance, result.layers[0].output_variance
+
+Definitions (docs/concepts.md, "Dynamic property"). A *unit* is one real (non-padding) token, or
+with ``unit="sample"`` one input sequence. For an FFN layer with experts ``e = 1..E``:
+
+* ``pi(u)`` is the unit's gate vector over all experts: the renormalised top-k gates on the selected
+  experts, 0 elsewhere (for a sequence: the mean of its tokens' gate vectors). It sums to 1.
+* The **computed parameters** of the unit are ``Theta(u) = sum_e pi_e(u) * W_eff_e`` for each of the
+  layer's two linears, with ``W_eff_e`` expert ``e``'s eq. 4 weight. For a dense FFN ``Theta(u) = W``.
+* **Parameter variance** = the variance of ``Theta_j(u)`` across units (population variance), averaged
+  over all weight elements ``j`` of both linears (biases excluded). It is 0 for a dense layer and for
+  static elements of a PAD layer.
+* **Output variance** = the variance across units of the FFN block's output ``y(u)`` (the MoE layer's
+  gate-weighted sum, or the dense FFN's output linear, before dropout, residual and LayerNorm; for a
+  sequence: the mean over its real tokens), averaged over the hidden dimensions.
+
+The parameter variance is computed without forming ``Theta(u)``: with ``C = Cov_u(pi)`` (``E x E``)
+and ``D_e = W_eff_e - mean_e' W_eff_e'`` (``sum_e pi_e = 1`` makes ``C 1 = 0``, so centring the experts
+changes nothing and removes the large shared part),
+
+    sum_j Var_u(Theta_j) = sum_j d_j^T C d_j = trace(C G),   G_ab = <D_a, D_b>   (a Gram matrix, E x E)
+
+so a layer costs one ``E x E`` Gram matrix of its weights plus an ``E x E`` covariance of the gates
+accumulated over the units, instead of ``units x numel`` computed weights. Only dynamic entries
+(``M = 1``) can differ across experts, so ``G`` is summed over them (in float64).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.utils import logging
+
+from .architectures import get_layout, get_submodule_parent, iter_layers
+from .moe import PADMoEFeedForward
+from .pad_linear import PADExpertLinear
+
+logger = logging.get_logger(__name__)
+
+UNITS = ("token", "sample")
+
+__all__ = ["UNITS", "DynamicProperty", "LayerDynamics", "RunningMoments", "dynamic_property", "expert_gram", "parameter_variance"]
+
+
+class RunningMoments:
+    """Streaming mean and (co)variance of row vectors in float64 (Chan et al.'s pairwise update).
+
+    `update(x)` takes a `(n, d)` batch; `variance()` is the per-column population variance `(d,)`,
+    `covariance()` the `(d, d)` population covariance (only with ``full=True``).
+    """
+
+    def __init__(self, dim: int, full: bool = False) -> None:
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.full = full
+        self.m2 = torch.zeros((dim, dim) if full else dim, dtype=torch.float64)
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().to(device="cpu", dtype=torch.float64).reshape(-1, self.mean.numel())
+        n = x.shape[0]
+        if n == 0:
+            return
+        mean = x.mean(dim=0)
+        centred = x - mean
+        m2 = centred.T @ centred if self.full else centred.square().sum(dim=0)
+        delta = mean - self.mean
+        total = self.count + n
+        correction = self.count * n / total
+        self.m2 += m2 + (torch.outer(delta, delta) if self.full else delta.square()) * correction
+        self.mean += delta * (n / total)
+        self.count = total
+
+    def variance(self) -> Tensor:
+        if self.count == 0:
+            return torch.zeros_like(self.mean)
+        diag = self.m2.diagonal() if self.full else self.m2
+        return diag / self.count
+
+    def covariance(self) -> Tensor:
+        if not self.full:
+            raise ValueError("covariance() needs RunningMoments(full=True).")
+        return self.m2 / max(self.count, 1)
+
+
+def expert_gram(linear: PADExpertLinear) -> Tensor:
+    """`G_ab = <D_a, D_b>` over the weight entries, `D_e = W_eff_e - mean_e W_eff_e` (eq. 4 weights), float64 `(E, E)`.
+
+    Static entries (``M = 0``) are equal in every expert and contribute nothing, so only the dynamic
+    entries are read: ``D_e = l_d * (W_e - mean_e W_e)`` there.
+    """
+    with torch.no_grad():
+        _, l_d = linear.scale_factors()
+        dynamic = linear.expert_weight[:, linear.mask].to(torch.float64)  # (E, nnz)
+        dynamic = float(l_d) * (dynamic - dynamic.mean(dim=0, keepdim=True))
+        return (dynamic @ dynamic.T).cpu()
+
+
+def parameter_variance(linears: Iterable[PADExpertLinear], gate_covariance: Tensor) -> float:
+    """Mean over all weight elements of `linears` of the variance of the computed parameters,
+    ``sum_linears trace(C G) / sum_linears numel`` (see the module docstring)."""
+    total = numel = 0.0
+    cov = gate_covariance.to(torch.float64).cpu()
+    for linear in linears:
+        total += float(torch.trace(cov @ expert_gram(linear)))
+        numel += linear.mask.numel()
+    return max(total, 0.0) / numel if numel else 0.0
+
+
+@dataclass
+class LayerDynamics:
+    layer: int
+    """Index of the (distinct) transformer layer."""
+    moe: bool
+    """Whether the layer's FFN is a (PAD-)MoE layer; a dense FFN has parameter variance 0."""
+    parameter_variance: float
+    output_variance: float
+    dynamic_ratio: float
+    """Fraction of the layer's FFN weight entries that are dynamic (1 for a MoE, 0 for a dense FFN)."""
+    units: int
+    """Units (tokens or sequences) the variances are taken over; ALBERT's shared layers count every depth."""
+
+
+@dataclass
+class DynamicProperty:
+    unit: str
+    layers: list[LayerDynamics] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit, "layers": [asdict(layer) for layer in self.layers]}
+
+
+class _LayerProbe:
+    """Collects one layer's gate covariance and output moments from forward hooks."""
+
+    def __init__(self, index: int, moe: PADMoEFeedForward | None, hidden: int, context: dict) -> None:
+        self.index = index
+        self.moe = moe
+        self.context = context
+        self.outputs = RunningMoments(hidden)
+        self.gates = RunningMoments(moe.num_experts, full=True) if moe is not None else None
+
+    def _group(self, values: Tensor, routed: bool) -> Tensor:
+        """Rows of `values` (one per token, or per real token when `routed`) -> rows per unit."""
+        mask: Tensor = self.context["mask"].to(values.device)  # (B, S) bool
+        if not routed:
+            values = values.reshape(mask.numel(), -1)
+            values = values[mask.reshape(-1)] if not mask.all() else values
+        if self.context["unit"] == "token":
+            return values
+        sample_of_token = mask.reshape(-1).nonzero(as_tuple=True)[0] // mask.shape[1]
+        sums = values.new_zeros(mask.shape[0], values.shape[1]).index_add_(0, sample_of_token, values)
+        counts = mask.sum(dim=1).clamp_min(1).to(values.dtype).unsqueeze(1)
+        return (sums / counts)[mask.any(dim=1)]
+
+    def on_output(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        self.outputs.update(self._group(output.detach().float(), routed=False))
+
+    def on_router(self, module: nn.Module, args: Any, decision: Any) -> None:
+        gates = decision.gates.detach().to(torch.float64)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+        pi = gates.new_zeros(gates.shape[0], module.num_experts).scatter_(1, decision.experts, gates)
+        # The MoE layer routes the real tokens only (all tokens when there is no padding), in order.
+        self.gates.update(self._group(pi, routed=True))
+
+    def result(self) -> LayerDynamics:
+        if self.moe is None:
+            return LayerDynamics(self.index, False, 0.0, float(self.outputs.variance().mean()), 0.0, self.outputs.count)
+        linears = list(self.moe.pad_linears().values())
+        ratio = sum(lin.num_dynamic() for lin in linears) / sum(lin.mask.numel() for lin in linears)
+        return LayerDynamics(
+            self.index,
+            True,
+            parameter_variance(linears, self.gates.covariance()),
+            float(self.outputs.variance().mean()),
+            ratio,
+            self.outputs.count,
+        )
+
+
+def _ffn_modules(model: nn.Module) -> list[tuple[nn.Module, PADMoEFeedForward | None, int]]:
+    """Per distinct transformer layer: (module whose output is the FFN output, its MoE layer or None, hidden size)."""
+    from .modeling_pad_moe import PADMoEPreTrainedModel
+
+    if isinstance(model, PADMoEPreTrainedModel):
+        base, model_type = model.model.base_model, model.config.base_model_type
+    elif hasattr(model, "base_model") and hasattr(model, "config"):
+        base, model_type = model.base_model, model.config.model_type
+    else:
+        raise TypeError(f"dynamic_property needs a Transformers model of a supported family, got {type(model).__name__}.")
+    layout = get_layout(model_type)
+    found = []
+    for layer in iter_layers(base, layout):
+        in_parent, in_name = get_submodule_parent(layer, layout.ffn_in)
+        ffn_in = getattr(in_parent, in_name)
+        if isinstance(ffn_in, PADMoEFeedForward):
+            found.append((ffn_in, ffn_in, ffn_in.fc_out.out_features))
+        else:
+            out_parent, out_name = get_submodule_parent(layer, layout.ffn_out)
+            ffn_out = getattr(out_parent, out_name)
+            found.append((ffn_out, None, ffn_out.out_features))
+    return found
+
+
+@contextlib.contextmanager
+def _hooks(probes: list[_LayerProbe], modules: list[nn.Module]) -> Iterator[None]:
+    handles = []
+    try:
+        for probe, module in zip(probes, modules):
+            handles.append(module.register_forward_hook(probe.on_output))
+            if probe.moe is not None:
+                handles.append(probe.moe.router.register_forward_hook(probe.on_router))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def dynamic_property(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    unit: str = "token",
+    progress: bool = True,
+    desc: str = "Dynamic property",
+) -> DynamicProperty:
+    """Parameter variance and output variance per FFN layer over the units of `batches`.
+
+    Args:
+        model: a dense model of a supported family (e.g. `BertModel`, `BertForSequenceClassification`)
+            or a PAD-MoE model (MoE or partitioned). It is run in eval mode without autograd.
+        batches: mappings with `input_ids` (and optionally `attention_mask`, `token_type_ids`); other
+            keys (e.g. `labels`) are dropped.
+        unit: ``"token"`` (every real token is one unit) or ``"sample"`` (one unit per sequence: gate
+            vectors and outputs averaged over its real tokens).
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        A `DynamicProperty` with one `LayerDynamics` per distinct transformer layer.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {list(UNITS)}, got {unit!r}.")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("dynamic_property needs at least one batch of inputs.")
+    context: dict[str, Any] = {"unit": unit}
+    ffn = _ffn_modules(model)
+    probes = [_LayerProbe(i, moe, hidden, context) for i, (_, moe, hidden) in enumerate(ffn)]
+    device = next(model.parameters()).device
+    keep = ("input_ids", "attention_mask", "token_type_ids")
+    was_training = model.training
+    model.eval()
+    bar = logging.tqdm(batches, desc=desc, unit="batch", disable=not progress)
+    try:
+        with torch.no_grad(), _hooks(probes, [module for module, _, _ in ffn]):
+            for batch in bar:
+                inputs = {k: v.to(device) for k, v in batch.items() if k in keep and v is not None}
+                mask = inputs.get("attention_mask")
+                if mask is None:
+                    mask = torch.ones_like(inputs["input_ids"])
+                context["mask"] = mask.bool()
+                model(**inputs)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return DynamicProperty(unit=unit, layers=[probe.result() for probe in probes])
