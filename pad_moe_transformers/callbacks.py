@@ -112,7 +112,20 @@ class IMPTrainerCallback(TrainerCallback):
                 "call partition_model(model, batches) yourself when training without a Trainer."
             )
         with preserved_rng_state(train_dataloader):
-            batches = take_batches(train_dataloader, self.num_batches)
+            empty = (
+                "IMPTrainerCallback: the Trainer's train dataloader yielded no batches (empty train dataset, or "
+                "fewer examples than one batch with dataloader_drop_last=True); the partition needs at least one "
+                "labelled batch."
+            )
+            try:
+                batches = take_batches(train_dataloader, self.num_batches)
+            except ValueError as error:
+                # Accelerate's dispatching loader (iterable datasets) reports an empty stream this way.
+                if "does not contain any data" in str(error):
+                    raise ValueError(empty) from error
+                raise
+            if not batches:
+                raise ValueError(empty)
             if len(batches) < self.num_batches:
                 logger.warning(
                     f"IMPTrainerCallback: the train dataloader has only {len(batches)} batches; "

@@ -7,6 +7,8 @@ partially dynamic Mixture-of-Experts layers (PAD-Net, He et al. 2023, eq. 4).
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, ClassVar, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -113,6 +115,11 @@ class PADMoEConfig(PreTrainedConfig):
             raise ValueError(
                 f"num_experts_per_tok must be an integer in [1, num_experts={self.num_experts}], got {k!r}."
             )
+        for name in ("dynamic_ratio", "router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
+            value = getattr(self, name)
+            # bool is an int subclass and str/None would fail deep inside float(): name the field instead.
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite real number, got {value!r}.")
         if not 0.0 < float(self.dynamic_ratio) <= 1.0:
             raise ValueError(f"dynamic_ratio must be in (0, 1], got {self.dynamic_ratio!r}.")
         if self.scale_factor_mode not in SCALE_FACTOR_MODES:
@@ -129,7 +136,16 @@ class PADMoEConfig(PreTrainedConfig):
                 f"partition_granularity must be one of {list(PARTITION_GRANULARITIES)}, "
                 f"got {self.partition_granularity!r}."
             )
+        if self.partition is not None and not isinstance(self.partition, dict):
+            raise ValueError(
+                f"partition must be None or a dict of partition metadata (written by the partition code), "
+                f"got {type(self.partition).__name__}."
+            )
         if self.moe_layers is not None:
+            if not isinstance(self.moe_layers, (list, tuple)):
+                raise ValueError(
+                    f"moe_layers must be None (all layers) or a list of layer indices, got {self.moe_layers!r}."
+                )
             if len(self.moe_layers) == 0 or len(set(self.moe_layers)) != len(self.moe_layers):
                 raise ValueError(f"moe_layers must be a non-empty list of distinct layer indices, got {self.moe_layers!r}.")
             if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.moe_layers):

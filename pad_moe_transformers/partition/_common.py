@@ -95,14 +95,29 @@ def element_path(model: PADMoEPreTrainedModel) -> Iterator[None]:
             moe.partition_granularity = granularity
 
 
-def materialize_batches(batches: Iterable[Batch]) -> list[Batch]:
-    """Turn `batches` into a list and check that it is usable for scoring (non-empty, labelled)."""
-    batches = list(batches)
-    if not batches:
+ZERO_BATCHES_MESSAGE = (
+    "Mode partition got zero batches. Pass at least one labelled mini-batch of training data "
+    "(the paper uses 10), e.g. the first batches of the training dataloader."
+)
+
+
+def batch_list(batches: Iterable[Batch]) -> list[Batch]:
+    """`list(batches)`, refusing the two easy mistakes: `None` and one batch (a mapping) instead of a list of them."""
+    if batches is None:
+        raise ValueError(f"batches is None. {ZERO_BATCHES_MESSAGE}")
+    if isinstance(batches, Mapping):
         raise ValueError(
-            "Mode partition got zero batches. Pass at least one labelled mini-batch of training data "
-            "(the paper uses 10), e.g. the first batches of the training dataloader."
+            f"batches is a single batch (a {type(batches).__name__} with keys {sorted(batches)}); pass a list of "
+            "batches, e.g. `[batch]`."
         )
+    return list(batches)
+
+
+def materialize_batches(batches: Iterable[Batch]) -> list[Batch]:
+    """Turn `batches` into a list and check that it is usable for scoring (non-empty, labelled, not all padding)."""
+    batches = batch_list(batches)
+    if not batches:
+        raise ValueError(ZERO_BATCHES_MESSAGE)
     for index, batch in enumerate(batches):
         if not isinstance(batch, Mapping):
             raise ValueError(
@@ -114,6 +129,12 @@ def materialize_batches(batches: Iterable[Batch]) -> list[Batch]:
                 f"Partition batch {index} has no labels (keys: {sorted(batch)}). The scores are derivatives "
                 "of the task loss, so every batch needs 'labels' (or 'start_positions'/'end_positions' for QA); "
                 "make sure the dataset keeps its label column."
+            )
+        attention_mask = batch.get("attention_mask")
+        if isinstance(attention_mask, Tensor) and attention_mask.numel() and not bool(attention_mask.any()):
+            raise ValueError(
+                f"Partition batch {index} is all padding (its attention_mask is all 0): no token reaches the MoE "
+                "layers, so it carries no score. Check the collator / tokenizer output, or drop empty examples."
             )
     return batches
 
@@ -138,9 +159,26 @@ def task_loss(model: PADMoEPreTrainedModel, batch: Batch, *, index: int = 0) -> 
     if not torch.isfinite(loss):
         raise ValueError(
             f"Non-finite task loss ({loss.item()}) on partition batch {index}: the scores would be NaN/inf. "
-            "Check the labels (e.g. regression targets) and the model weights before partitioning."
+            f"{_non_finite_source(model, batch)}"
         )
     return loss
+
+
+def _non_finite_source(model: PADMoEPreTrainedModel, batch: Batch) -> str:
+    """Where a NaN/inf comes from: a batch entry, a model weight, or neither (an overflow in the forward)."""
+    bad_inputs = [
+        key for key, value in batch.items()
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if bad_inputs:
+        return f"The batch holds NaN/inf in {bad_inputs}; clean the inputs/labels before partitioning."
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            return f"The model weight {name!r} holds NaN/inf; load or re-initialise the weights before partitioning."
+    return (
+        "The inputs and weights are finite, so the forward overflowed (e.g. fp16 weights or very large "
+        "inputs); partition in fp32 or bf16."
+    )
 
 
 @contextlib.contextmanager

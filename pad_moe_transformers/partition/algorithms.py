@@ -32,8 +32,10 @@ from ..modeling_pad_moe import PADMoEPreTrainedModel
 from ..pad_linear import PADExpertLinear
 from ..moe import PADMoEFeedForward
 from ._common import (
+    ZERO_BATCHES_MESSAGE,
     Batch,
     agree_on_batch_count,
+    batch_list,
     broadcast_masks,
     check_model,
     is_main_process,
@@ -116,6 +118,15 @@ def select_masks(
         groups = [[n] for n in names]
     else:
         groups = [names]
+    for name in names:
+        candidates = scores[name].detach()[masks[name].to(scores[name].device)]
+        if not bool(torch.isfinite(candidates).all()):
+            bad = int((~torch.isfinite(candidates)).sum())
+            raise ValueError(
+                f"The scores of {name} hold {bad} NaN/inf value(s) among its {candidates.numel()} candidates; a mask "
+                "chosen from them would be arbitrary. Check the partition batches and the model weights for NaN/inf "
+                "(or an fp16 overflow) and partition again."
+            )
     new_masks = {}
     for group in groups:
         flat = torch.cat([_candidates(scores[n], masks[n]) for n in group])
@@ -258,8 +269,18 @@ def partition_model(
     kappa = float(model.config.dynamic_ratio if dynamic_ratio is None else dynamic_ratio)
     if not 0.0 < kappa <= 1.0:
         raise ValueError(f"dynamic_ratio must be in (0, 1], got {kappa}.")
-    batches = materialize_batches(batches)
-    batches = batches[: agree_on_batch_count(len(batches), next(model.parameters()).device)]
+    if score == "warmup_grad" and method in ("imp", "mp"):
+        if warmup_steps is not None and warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0 (None: one step per batch), got {warmup_steps}.")
+        if not warmup_lr > 0:
+            raise ValueError(f"warmup_lr must be > 0 for score='warmup_grad', got {warmup_lr}.")
+    batches = batch_list(batches)
+    # Every rank must take the same branch: a rank without batches raises on all ranks instead of
+    # leaving the others waiting in a collective.
+    count = agree_on_batch_count(len(batches), next(model.parameters()).device)
+    if count == 0:
+        raise ValueError(ZERO_BATCHES_MESSAGE if world_size() == 1 else f"{ZERO_BATCHES_MESSAGE} (A rank has no batches.)")
+    batches = materialize_batches(batches[:count])
     start = time.perf_counter()
     if method == "moe_p":
         result = moe_p_prune(model, batches, dynamic_ratio=kappa, scope=scope, seed=seed, progress=progress)

@@ -70,6 +70,11 @@ def apply_partition(
     for name, linear in linears.items():
         if tuple(masks[name].shape) != tuple(linear.mask.shape):
             raise ValueError(f"Mask of {name} has shape {tuple(masks[name].shape)}, expected {tuple(linear.mask.shape)}.")
+        if masks[name].dtype != torch.bool and bool(((masks[name] != 0) & (masks[name] != 1)).any()):
+            raise ValueError(
+                f"Mask of {name} has dtype {masks[name].dtype} with values other than 0 and 1; masks are binary "
+                "(True = dynamic). Threshold scores with `select_masks` instead of passing them as masks."
+            )
     granularity = partition_granularity(model)
     neurons = _neurons_of(model, masks) if granularity == "neuron" else None
     with torch.no_grad():
@@ -175,6 +180,11 @@ def moe_p_prune(
     keeps: dict[str, Tensor] = {}
     for unit in units:
         flat = torch.cat([saliency[n].reshape(-1).double() for n in unit])
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError(
+                f"The SNIP saliencies of {unit[0] if scope == 'linear' else 'all linears'} hold NaN/inf; a pruning "
+                "chosen from them would be arbitrary. Check the batches and the model weights for NaN/inf."
+            )
         if not bool((flat != 0).any()):
             raise ValueError(f"All SNIP saliencies of {unit[0] if scope == 'linear' else 'all linears'} are zero.")
         chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
