@@ -1,14 +1,26 @@
 """Saving a PAD checkpoint: the safetensors files (sharded so that a PAD linear never straddles two
 shards, with byte-identical headers for identical models) and `save_pretrained` (config, weights,
-model card, optional upload)."""
+model card, optional upload).
+
+Saves are staged: every file is first written into a fresh hidden directory inside the target
+(`.pad_moe_save-*`, same file system) and only moved into place with `os.replace` once all of them
+are complete (weights, then the shard index, then `config.json`, then `README.md`); weight files of
+an earlier save that this one does not rewrite are removed last. A failure while writing (full
+disk, an exception, Ctrl-C) therefore leaves the previous checkpoint in the directory untouched and
+loadable, and the staging directory is removed. A hard kill can leave a staging directory behind;
+the next successful save into that directory removes it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import struct
-from collections.abc import Iterable, Mapping
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +78,52 @@ def _group_for_sharding(tensors: Mapping[str, Tensor], linear_prefixes: Iterable
     return groups
 
 
+# --------------------------------------------------------------------------------------------- staging
+STAGING_PREFIX = ".pad_moe_save-"
+"""Name prefix of the hidden directory a save is written into before its files are moved into place."""
+
+
+def _writable_directory(save_directory: str) -> None:
+    """Create `save_directory` or raise a `PermissionError`/`OSError` that names it and says what to do."""
+    try:
+        os.makedirs(save_directory, exist_ok=True)
+    except OSError as error:
+        raise type(error)(
+            error.errno, f"Cannot create the checkpoint directory {save_directory!r} ({error.strerror}); choose a "
+            "writable output directory", save_directory
+        ) from error
+
+
+@contextlib.contextmanager
+def _staging_directory(save_directory: str) -> Iterator[str]:
+    """A fresh hidden directory inside `save_directory`; removed on exit, whatever happens."""
+    try:
+        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=save_directory)
+    except OSError as error:
+        raise type(error)(
+            error.errno, f"Cannot write a checkpoint into {save_directory!r} ({error.strerror}); the directory must "
+            "be writable. Nothing was changed in it", save_directory
+        ) from error
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _commit(staging: str, save_directory: str, names: list[str], stale_weights: tuple[str, set[str]] | None) -> None:
+    """Move the staged files `names` into `save_directory` (in that order, each with an atomic `os.replace`),
+    then remove stale weight files of an earlier save and staging directories left by killed saves."""
+    names = list(names) + sorted(set(os.listdir(staging)) - set(names))  # anything else written there, last
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+    if stale_weights is not None:
+        _remove_stale_weight_files(save_directory, stale_weights[0], keep=stale_weights[1])
+    for entry in os.listdir(save_directory):
+        path = os.path.join(save_directory, entry)
+        if entry.startswith(STAGING_PREFIX) and path != staging and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def save_checkpoint_files(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -76,10 +134,45 @@ def save_checkpoint_files(
 ) -> SavedCheckpoint:
     """Write the weights of `model` as a PAD checkpoint (one file or shards plus an index).
 
-    Removes weight files of an earlier save in `save_directory` that this save does not rewrite.
+    The files are staged and moved into place only once all are written (see the module docstring);
+    weight files of an earlier save in `save_directory` that this save does not rewrite are removed.
     """
     save_directory = os.fspath(save_directory)
-    os.makedirs(save_directory, exist_ok=True)
+    _writable_directory(save_directory)
+    with _staging_directory(save_directory) as staging:
+        staged = _write_checkpoint_files(model, staging, state_dict=state_dict, max_shard_size=max_shard_size, variant=variant)
+        _commit(staging, save_directory, _names(staged), _stale_rule(staged, variant))
+    return _relocated(staged, staging, save_directory)
+
+
+def _names(saved: SavedCheckpoint) -> list[str]:
+    """The weight files in commit order: shards first, then the index that points at them."""
+    return [os.path.basename(f) for f in saved.files] + ([os.path.basename(saved.index_file)] if saved.index_file else [])
+
+
+def _stale_rule(saved: SavedCheckpoint, variant: str | None) -> tuple[str, set[str]]:
+    return add_variant(WEIGHTS_NAME, variant), set(_names(saved))
+
+
+def _relocated(saved: SavedCheckpoint, staging: str, save_directory: str) -> SavedCheckpoint:
+    def move(path: str) -> str:
+        return os.path.join(save_directory, os.path.relpath(path, staging))
+
+    return SavedCheckpoint(
+        [move(f) for f in saved.files], move(saved.index_file) if saved.index_file else None,
+        saved.layout, saved.total_size, saved.stored_values,
+    )
+
+
+def _write_checkpoint_files(
+    model: nn.Module,
+    save_directory: str,
+    *,
+    state_dict: Mapping[str, Tensor] | None,
+    max_shard_size: int | str,
+    variant: str | None,
+) -> SavedCheckpoint:
+    """Write the weight files into `save_directory` (a fresh staging directory)."""
     tensors, metadata = compact_state_dict(model, state_dict)
     linears = pad_linear_modules(model)
     limit = _parse_size(max_shard_size)
@@ -99,7 +192,6 @@ def save_checkpoint_files(
     else:
         stem = weights_stem(weights_name)
         names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    _remove_stale_weight_files(save_directory, weights_name, keep=set(names))
 
     files = []
     weight_map = {}
@@ -186,7 +278,8 @@ def save_pad_pretrained(
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
         raise ValueError(f"save_pretrained needs a directory, {save_directory!r} is a file.")
-    os.makedirs(save_directory, exist_ok=True)
+    if is_main_process:
+        _writable_directory(save_directory)
 
     repo_id = None
     if push_to_hub and is_main_process:
@@ -203,14 +296,28 @@ def save_pad_pretrained(
     if is_main_process:
         model.config.dtype = str(model.dtype).split(".")[1]
         model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(save_directory)
-        saved = save_checkpoint_files(
-            model, save_directory, state_dict=state_dict, max_shard_size=max_shard_size, variant=variant
-        )
-        if card.pop("model_card", True):
-            from ..modelcard import write_model_card
+        with _staging_directory(save_directory) as staging:
+            # Everything is written into `staging` first and moved into place only when complete.
+            model.config.save_pretrained(staging)
+            staged = _write_checkpoint_files(
+                model, staging, state_dict=state_dict, max_shard_size=max_shard_size, variant=variant
+            )
+            names = _names(staged) + ["config.json"]
+            if card.pop("model_card", True):
+                from ..modelcard import GENERATED_MARKER, load_eval_results, write_model_card
 
-            write_model_card(model, save_directory, repo_id=card_repo_id, layout=saved.layout, **card)
+                readme = os.path.join(save_directory, "README.md")
+                hand_written = False
+                if os.path.isfile(readme):
+                    with open(readme, encoding="utf-8") as f:
+                        hand_written = GENERATED_MARKER not in f.read()
+                if not hand_written:  # a README not generated by this package is never overwritten
+                    if card.get("eval_results") is None:
+                        card["eval_results"] = load_eval_results(save_directory)
+                    write_model_card(model, staging, repo_id=card_repo_id, layout=staged.layout, **card)
+                    names.append("README.md")
+            _commit(staging, save_directory, names, _stale_rule(staged, variant))
+        saved = _relocated(staged, staging, save_directory)
 
     if push_to_hub and is_main_process:
         model._upload_modified_files(
