@@ -17,6 +17,11 @@ It does nothing when the model is already partitioned (`config.partition` set, m
 partial, or a resumed run with `state.global_step > 0`). Under DDP every rank scores its own shard;
 the warm-up gradients and the scores are all-reduced and the final masks broadcast from rank 0, so
 every rank ends with the same mask.
+
+The callback is an `ExportableState`: the partition metadata goes into every checkpoint's
+`trainer_state.json`. A run resumed with `resume_from_checkpoint` loads the masks with the weights,
+but its freshly built config has no `config.partition`; the callback puts it back from there (when
+it matches the loaded masks), so the final save is complete.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .partition import DEFAULT_ROUNDS, DEFAULT_SCORE, DEFAULT_WARMUP_LR, PARTITION_METHODS, SCOPES, SCORES
@@ -38,7 +44,7 @@ from .partition._common import check_model
 logger = logging.get_logger(__name__)
 
 
-class IMPTrainerCallback(TrainerCallback):
+class IMPTrainerCallback(TrainerCallback, ExportableState):
     """Partition a PAD-MoE model (IMP by default) on the first training batches when training begins.
 
     Args:
@@ -91,6 +97,27 @@ class IMPTrainerCallback(TrainerCallback):
         self.warmup_lr = warmup_lr
         self.progress = progress
         self.result: PartitionResult | None = None
+        # `config.partition` of the model being trained; saved in checkpoints (see `state`).
+        self.partition_metadata: dict | None = None
+
+    def state(self) -> dict:
+        """What `Trainer` saves in `trainer_state.json` (`ExportableState`): the constructor arguments and
+        the partition metadata, which a resumed run restores into `model.config.partition`."""
+        return {
+            "args": {
+                "dynamic_ratio": self.dynamic_ratio,
+                "num_batches": self.num_batches,
+                "rounds": self.rounds,
+                "method": self.method,
+                "scope": self.scope,
+                "score": self.score,
+                "seed": self.seed,
+                "warmup_steps": self.warmup_steps,
+                "warmup_lr": self.warmup_lr,
+                "progress": self.progress,
+            },
+            "attributes": {"partition_metadata": self.partition_metadata},
+        }
 
     def on_train_begin(
         self,
@@ -105,6 +132,9 @@ class IMPTrainerCallback(TrainerCallback):
         reason = _skip_reason(pad_model, state)
         if reason is not None:
             logger.info(f"IMPTrainerCallback: not partitioning, {reason}.")
+            if pad_model.config.partition is None:
+                self._restore_metadata(pad_model, state)
+            self.partition_metadata = pad_model.config.partition
             return
         if train_dataloader is None:
             raise ValueError(
@@ -145,6 +175,7 @@ class IMPTrainerCallback(TrainerCallback):
                 progress=self.progress and not args.disable_tqdm,
             )
         pad_model.zero_grad(set_to_none=True)
+        self.partition_metadata = pad_model.config.partition
         neuron = self.result.neuron_dynamic_ratios is not None
         ratios = self.result.neuron_dynamic_ratios if neuron else self.result.dynamic_ratios
         total = self.result.metadata["neuron_dynamic_ratio_total" if neuron else "achieved_dynamic_ratio_total"]
@@ -154,6 +185,29 @@ class IMPTrainerCallback(TrainerCallback):
             + ", ".join(f"{name}={ratio:.4f}" for name, ratio in ratios.items())
             + f" (total {total:.4f})"
         )
+
+    def _restore_metadata(self, model: Any, state: TrainerState) -> None:
+        """Resumed run: put the partition metadata saved in the checkpoint's trainer state back into
+        `model.config.partition`, if it describes the masks the model holds (achieved ratios)."""
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):  # several callbacks of this class: the last saved state
+            saved = saved[-1] if saved else None
+        metadata = ((saved or {}).get("attributes") or {}).get("partition_metadata")
+        if not metadata:
+            return
+        linears = pad_linears(model)
+        recorded = metadata.get("achieved_dynamic_ratio") or {}
+        current = {name: linear.dynamic_ratio() for name, linear in linears.items()}
+        if set(recorded) != set(current) or any(abs(recorded[n] - current[n]) > 1e-12 for n in current):
+            logger.warning(
+                "IMPTrainerCallback: the partition metadata in the checkpoint's trainer state does not match the "
+                "model's masks; config.partition is left unset."
+            )
+            return
+        model.config.partition = dict(metadata)
+        if metadata.get("target_dynamic_ratio") is not None:
+            model.config.dynamic_ratio = float(metadata["target_dynamic_ratio"])
+        logger.info("IMPTrainerCallback: restored config.partition from the checkpoint's trainer state.")
 
 
 def _skip_reason(model: Any, state: TrainerState) -> str | None:
