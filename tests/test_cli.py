@@ -187,6 +187,19 @@ def test_inspect_moe_layout_and_text_file(dense, tmp_path, capsys):
     assert info["expert_usage"]["samples"] == 2
 
 
+def test_inspect_sharded_checkpoint(dense, glue, tmp_path, capsys):
+    out = tmp_path / "sharded"
+    code, _, _ = run(capsys, "convert", dense, out, "--num_experts", "4", "--task", "rte", "--data_dir", glue,
+                     "--partition", "random", "--partition_batches", "1", "--max_shard_size", "40KB", "-q")
+    assert code == 0 and (out / "model.safetensors.index.json").is_file()
+    code, stdout, _ = run(capsys, "inspect", out, "--json")
+    assert code == 0
+    disk = json.loads(stdout)["bytes_on_disk"]
+    files = sorted(out.glob("model-*.safetensors"))
+    assert disk["files"] == len(files) > 1
+    assert disk["total"] == sum(f.stat().st_size for f in files)
+
+
 # ------------------------------------------------------------------------------------ analyze
 def test_analyze_dense_moe_pad(dense, pad_checkpoint, glue, tmp_path, capsys):
     # Trained experts differ; here they are perturbed apart so that the parameter variance is not 0.
