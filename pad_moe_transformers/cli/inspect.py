@@ -182,7 +182,7 @@ def render(info: dict[str, Any]) -> str:
     ]
     lines.append(h.format_table(
         ["layer", "linear", "shape", "dynamic", "l_s", "l_d", "params dynamic", "params static", "on disk"], rows,
-        right=[True, False, False, True, True, True, True, True, True],
+        right=[False, False, False, True, True, True, True, True, True],
     ))
     lines.append("")
     rows = [
