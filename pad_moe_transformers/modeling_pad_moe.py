@@ -255,6 +255,10 @@ class PADMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _keep_in_fp32_modules = ["router"]
+    # The wrapped families' heads return a mean loss and ignore `num_items_in_batch`. Without this flag
+    # Trainer (seeing `**kwargs` in `forward`) would pass it, skip its division by the gradient
+    # accumulation steps and multiply the loss by the number of DDP ranks.
+    accepts_loss_kwargs = False
     _auto_class_for_head: ClassVar[type] = AutoModel
     """The Transformers Auto class that builds the wrapped family model for this head."""
 

@@ -1,0 +1,132 @@
+"""Distributed (issue #7): 2 CPU ranks (torchrun, gloo) run the HF Trainer with `IMPTrainerCallback`; the masks
+are bit-identical on both ranks, training moves the weights identically, and the rank-0 save loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForSequenceClassification
+
+from pad_moe_transformers.partition import pad_linears
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    out = tmp_path_factory.mktemp("ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER, str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
+    # Own process group, so that a hang is cleaned up completely (torchrun and both workers).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s (a hang):\n{log[-4000:]}")
+    assert proc.returncode == 0, log[-4000:]
+    ranks = []
+    for rank in range(2):
+        with open(out / f"rank{rank}.json") as f:
+            info = json.load(f)
+        with np.load(out / f"rank{rank}.npz") as arrays:
+            info["arrays"] = {k: arrays[k] for k in arrays.files}
+        ranks.append(info)
+    return out, ranks
+
+
+def test_masks_are_bit_identical_across_ranks(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert r0["world_size"] == r1["world_size"] == 2
+    masks = [k for k in r0["arrays"] if k.startswith("mask/")]
+    assert len(masks) == 4
+    for key in masks:
+        assert r0["arrays"][key].dtype == np.bool_
+        assert np.array_equal(r0["arrays"][key], r1["arrays"][key]), key
+        assert 0.35 < r0["arrays"][key].mean() < 0.45  # kappa = 0.4
+    assert r0["partition"] == r1["partition"]
+    assert r0["partition"]["world_size"] == 2 and r0["partition"]["num_batches"] == 2
+
+
+def test_training_proceeds_in_step_on_both_ranks(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert r0["global_step"] == r1["global_step"] == 4
+    assert len(r0["losses"]) == 4 and all(np.isfinite(r0["losses"]))
+    assert any(name.endswith("expert_weight") for name in r0["changed"])
+    assert any(name.endswith("classifier.weight") for name in r0["changed"])
+    for key in (k for k in r0["arrays"] if k.startswith("param/")):  # DDP keeps the replicas equal
+        assert np.array_equal(r0["arrays"][key], r1["arrays"][key]), key
+
+
+def test_rank0_save_loads(two_ranks):
+    out, (r0, _) = two_ranks
+    model = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert model.config.partition == r0["partition"]
+    for name, linear in pad_linears(model).items():
+        assert np.array_equal(linear.mask.numpy(), r0["arrays"][f"mask/{name}"]), name
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), torch.from_numpy(r0["arrays"][f"param/{name}"])), name
+    assert not any(entry.startswith(".pad_moe_save-") for entry in os.listdir(out / "final"))
+
+
+def test_a_rank_without_batches_fails_on_every_rank(two_ranks):
+    _, ranks = two_ranks
+    for info in ranks:
+        assert info["zero_batches"].startswith("Mode partition got zero batches"), info["zero_batches"]
+
+
+def test_the_logged_ddp_loss_is_the_mean_loss(two_ranks):
+    """A fresh classifier head gives logits ~0, so the first loss is ln 2 + 0.01 * aux (aux ~1). Trainer would
+    multiply it by the number of ranks if the PAD model advertised loss kwargs (dense BERT does: 1.39 here)."""
+    _, (r0, _) = two_ranks
+    assert abs(r0["losses"][0] - (np.log(2) + 0.01)) < 0.03, r0["losses"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """Single process: 2 accumulated batches of 4 make the same SGD step as one batch of 8."""
+    from transformers import BertConfig, Trainer, TrainingArguments
+
+    import pad_moe_transformers as pmt
+    from test_callback import _PairDataset
+
+    def step(batch_size, accumulation):
+        torch.manual_seed(0)
+        base = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                          vocab_size=50, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
+        model = pmt.PADMoEForSequenceClassification(pmt.PADMoEConfig(base_config=base, num_experts=4,
+                                                                     router_aux_loss_coef=0.0))
+        args = TrainingArguments(output_dir=str(tmp_path / f"{batch_size}x{accumulation}"), use_cpu=True,
+                                 per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                                 max_steps=1, optim="sgd", learning_rate=0.5, max_grad_norm=0.0, lr_scheduler_type="constant",
+                                 report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
+        initial = model.model.classifier.weight.detach().clone()
+        Trainer(model=model, args=args, train_dataset=_PairDataset(n=8)).train()
+        assert not torch.equal(model.model.classifier.weight, initial)  # the step moved the weights
+        return model
+
+    one, accumulated = step(8, 1), step(4, 2)
+    for (name, a), b in zip(one.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
