@@ -144,7 +144,9 @@ def plot(info: dict[str, Any], path: str) -> None:
     for n, m in enumerate(info["models"]):
         layers = [x["layer"] for x in m["layers"]]
         name = m["label"] if m["label"] == m["model"] else f"{m['label']}: {m['model']}"
-        style = dict(marker=markers[n % len(markers)], label=name)
+        # Models can coincide (a freshly upcycled MoE equals its dense model): vary line style and marker size.
+        style = dict(marker=markers[n % len(markers)], label=name, linestyle=("-", "--", "-.", ":")[n % 4],
+                     markersize=max(9 - 1.5 * n, 3), alpha=0.85)
         axes[0].plot(layers, [x["parameter_variance"] for x in m["layers"]], **style)
         axes[1].plot(layers, [x["output_variance"] for x in m["layers"]], **style)
     from matplotlib.ticker import MaxNLocator
