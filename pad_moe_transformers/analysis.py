@@ -118,6 +118,8 @@ def parameter_variance(linears: Iterable[PADExpertLinear], gate_covariance: Tens
 
 @dataclass
 class LayerDynamics:
+    """Parameter variance and output variance of one FFN layer (definitions in the module docstring)."""
+
     layer: int
     """Index of the (distinct) transformer layer."""
     moe: bool
@@ -132,6 +134,8 @@ class LayerDynamics:
 
 @dataclass
 class DynamicProperty:
+    """The measures of one model: one `LayerDynamics` per distinct transformer layer, in order."""
+
     unit: str
     layers: list[LayerDynamics] = field(default_factory=list)
 

@@ -47,6 +47,7 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `pad-moe` parser with its `convert`, `inspect` and `analyze` subcommands."""
     from .. import __version__
     from . import analyze, convert, inspect
 
