@@ -39,7 +39,7 @@ from transformers.utils import logging
 
 from .partition import DEFAULT_ROUNDS, DEFAULT_SCORE, DEFAULT_WARMUP_LR, PARTITION_METHODS, SCOPES, SCORES
 from .partition import PartitionResult, pad_linears, partition_model
-from .partition._common import check_model
+from .partition._common import check_model, check_not_sharded
 
 logger = logging.get_logger(__name__)
 
@@ -136,6 +136,7 @@ class IMPTrainerCallback(TrainerCallback, ExportableState):
                 self._restore_metadata(pad_model, state)
             self.partition_metadata = pad_model.config.partition
             return
+        check_not_sharded(model)
         if train_dataloader is None:
             raise ValueError(
                 "IMPTrainerCallback needs the Trainer's train dataloader (Trainer passes it to on_train_begin); "

@@ -5,6 +5,8 @@
 HF Trainer with `IMPTrainerCallback` on a tiny PAD model. Each rank writes `OUT_DIR/rank{r}.npz` (its
 masks, bit for bit, and its final parameters) and `OUT_DIR/rank{r}.json` (losses, partition metadata,
 what the zero-batch check raised); the Trainer saves the final model to `OUT_DIR/final` (rank 0 writes).
+Then the FSDP checks of docs/distributed.md (`fsdp_checks`), with torch's own FSDP APIs: on CPU, Trainer
+ignores `fsdp=` (accelerate runs plain DDP there).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainingArguments
+from transformers import BertConfig, Trainer, TrainingArguments
+from transformers.models.bert.modeling_bert import BertLayer
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.partition import pad_linears, partition_model
@@ -57,6 +60,8 @@ def main(out_dir: str) -> None:
     except ValueError as error:
         zero_batches = str(error)
 
+    fsdp = fsdp_checks(out_dir, rank)
+
     masks = {f"mask/{n}": lin.mask.numpy() for n, lin in pad_linears(model).items()}
     params = {f"param/{n}": p.detach().numpy() for n, p in model.named_parameters()}
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **masks, **params)
@@ -69,9 +74,94 @@ def main(out_dir: str) -> None:
                 "global_step": trainer.state.global_step,
                 "changed": sorted(n for n, p in model.named_parameters() if not torch.equal(p.detach(), initial[n])),
                 "zero_batches": zero_batches,
+                "fsdp": fsdp,
             },
             f,
         )
+
+
+def _fsdp_model(scale_factor_mode: str):
+    """A tiny partitioned PAD model without dropout (the same on every rank)."""
+    torch.manual_seed(0)
+    base = BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=50,
+                      max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = pmt.PADMoEForSequenceClassification(
+        pmt.PADMoEConfig(base_config=base, num_experts=4, scale_factor_mode=scale_factor_mode))
+    partition_model(model, _batches(n=2), method="random", dynamic_ratio=0.5, progress=False)
+    return model
+
+
+def fsdp_checks(out_dir: str, rank: int) -> dict:
+    try:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    except ImportError as error:
+        return {"unavailable": str(error)}
+    result = {}
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    # 1. The default model (scale_factor_mode="sum2") has 0-d scale-factor parameters, which FSDP refuses.
+    for name, wrap in (("fsdp2", lambda m: fully_shard(m.model.bert.encoder.layer[0], mesh=mesh)),
+                       ("fsdp1", lambda m: FullyShardedDataParallel(m, auto_wrap_policy=ModuleWrapPolicy({BertLayer}),
+                                                                    device_id=torch.device("cpu")))):
+        try:
+            wrap(_fsdp_model("sum2"))
+            result[f"{name}_sum2"] = "wrapped"
+        except ValueError as error:
+            result[f"{name}_sum2"] = str(error)
+
+    # 2. scale_factor_mode="none" (no scalar parameters): FSDP2 with one unit per BertLayer, then the root.
+    batches = _batches(n=2)
+    model = _fsdp_model("none")
+    reference = {n: lin.mask.clone() for n, lin in pad_linears(model).items()}
+    for layer in model.model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    linear = pad_linears(model)["layer.0.fc_in"]
+    result["expert_weight_local_shape"] = list(linear.expert_weight.to_local().shape)
+    result["mask_shape"] = list(linear.mask.shape)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.eval()
+    with torch.no_grad():
+        before = model(**batches[0]).logits
+    for step in range(3):
+        model.train()
+        loss = model(**batches[step % 2]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():  # merged-weight cache (eval, no autograd)
+        cached = model(**batches[0]).logits
+    with torch.enable_grad():  # no cache
+        uncached = model(**batches[0]).logits.detach()
+    result["eval_moved"] = not torch.allclose(before, cached)
+    result["cached_minus_uncached"] = float((cached - uncached).abs().max())
+    result["masks_unchanged"] = all(torch.equal(reference[n], lin.mask) for n, lin in pad_linears(model).items())
+    try:
+        partition_model(model, batches, progress=False, overwrite=True)
+        result["partition_sharded"] = "no error"
+    except ValueError as error:
+        result["partition_sharded"] = str(error)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(os.path.join(out_dir, "fsdp2"), state_dict=state)
+        np.savez(os.path.join(out_dir, "fsdp2_state.npz"), **{k: v.numpy() for k, v in state.items()})
+
+    # 3. FSDP1 inserts `_fsdp_wrapped_module` into module names; saving with a full state dict still works.
+    twin, wrapped = _fsdp_model("none"), FullyShardedDataParallel(
+        _fsdp_model("none"), auto_wrap_policy=ModuleWrapPolicy({BertLayer}), device_id=torch.device("cpu"))
+    result["fsdp1_module_names"] = next(n for n, m in wrapped.named_modules() if isinstance(m, pmt.PADExpertLinear))
+    if rank == 0:
+        try:
+            wrapped.module.save_pretrained(os.path.join(out_dir, "fsdp1"), state_dict=twin.state_dict())
+            result["fsdp1_save"] = "saved"
+        except ValueError as error:
+            result["fsdp1_save"] = str(error)
+        np.savez(os.path.join(out_dir, "fsdp1_state.npz"), **{k: v.numpy() for k, v in twin.state_dict().items()})
+    dist.barrier()
+    return result
 
 
 if __name__ == "__main__":

@@ -83,9 +83,20 @@ def popcount(packed: Tensor) -> int:
 
 
 # --------------------------------------------------------------------------------------------- model side
+# Module names that wrappers insert into `named_modules()` but not into the (full) state dict keys.
+_WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
 def pad_linear_modules(model: nn.Module) -> dict[str, PADExpertLinear]:
-    """`{state-dict prefix (ending in '.'): PADExpertLinear}` of every PAD linear of `model`."""
-    return {f"{name}.": module for name, module in model.named_modules() if isinstance(module, PADExpertLinear)}
+    """`{state-dict prefix (ending in '.'): PADExpertLinear}` of every PAD linear of `model` (the prefixes
+    are those of a full state dict, also when FSDP or activation checkpointing wrapped some layers)."""
+    linears = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PADExpertLinear):
+            for wrapper in _WRAPPER_NAMES:
+                name = name.replace(wrapper, "")
+            linears[f"{name}."] = module
+    return linears
 
 
 def pad_prefix_of(key: str, linears: Mapping[str, Any]) -> str | None:

@@ -47,6 +47,37 @@ def check_model(model: Any) -> PADMoEPreTrainedModel:
     )
 
 
+def fsdp_classes() -> tuple[type, ...]:
+    """The FSDP module classes of this torch build (FSDP1 wrapper, FSDP2 `fully_shard` modules)."""
+    classes = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        classes.append(FullyShardedDataParallel)
+    except ImportError:  # pragma: no cover - torch without distributed
+        pass
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        classes.append(FSDPModule)
+    except ImportError:  # pragma: no cover - torch < 2.6
+        pass
+    return tuple(classes)
+
+
+def check_not_sharded(model: Any) -> None:
+    """Raise a `ValueError` if `model` (or a submodule) is sharded with FSDP: the partition reads and writes
+    whole expert weights, which FSDP only materialises inside its own forward."""
+    classes = fsdp_classes()
+    if classes and isinstance(model, torch.nn.Module) and any(isinstance(m, classes) for m in model.modules()):
+        raise ValueError(
+            "Mode partition needs the full (unsharded) weights, but this model is sharded with FSDP. Partition "
+            "before wrapping: run partition_model on the plain model (or load a partitioned checkpoint), then "
+            "wrap it and train; IMPTrainerCallback skips a model whose masks are already partitioned. "
+            "See docs/distributed.md."
+        )
+
+
 def pad_linears(model: PADMoEPreTrainedModel) -> dict[str, PADExpertLinear]:
     """All partitioned linears of the model in order, named ``"layer.{i}.fc_in"`` / ``"layer.{i}.fc_out"``."""
     return {

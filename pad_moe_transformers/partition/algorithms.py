@@ -38,6 +38,7 @@ from ._common import (
     batch_list,
     broadcast_masks,
     check_model,
+    check_not_sharded,
     is_main_process,
     linear_masks_of_neurons,
     materialize_batches,
@@ -247,6 +248,7 @@ def partition_model(
         A `PartitionResult`; the model's masks, zeroed weights and `config.partition` are updated.
         The model's parameters are otherwise unchanged and no `.grad` is left behind.
     """
+    check_not_sharded(model)
     model = check_model(model)
     if method not in PARTITION_METHODS:
         raise ValueError(f"method must be one of {list(PARTITION_METHODS)}, got {method!r}.")

@@ -29,6 +29,7 @@ from ._common import (
     Batch,
     broadcast_masks,
     check_model,
+    check_not_sharded,
     is_main_process,
     pad_layers,
     pad_linears,
@@ -60,6 +61,7 @@ def apply_partition(
     Returns:
         The achieved dynamic ratio per linear.
     """
+    check_not_sharded(model)
     model = check_model(model)
     linears = pad_linears(model)
     if set(masks) != set(linears):
