@@ -18,8 +18,9 @@ How a page is run (one test per page):
   partition.md (a model, batches, Trainer arguments) and checkpoint_format.md (an open file `f`).
 
 Also checked: relative links and images resolve (files being written by a running benchmark are
-listed in `PENDING`), `#anchors` exist, every page is linked from docs/index.md, docs/api.md is
-what docs/make_api.py generates, and the checkpoint-size table of benchmarks.md matches its JSON.
+listed in `PENDING`), `#anchors` exist, every page is linked from docs/index.md, docs/api.md states
+the names, signatures and members docs/make_api.py finds (docstring summaries are not compared),
+every CLI option is in docs/cli.md, and the checkpoint-size table of benchmarks.md matches its JSON.
 """
 
 from __future__ import annotations
@@ -332,9 +333,10 @@ def test_api_reference_is_current():
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("make_api", module)
     spec.loader.exec_module(module)
-    assert (ROOT / "docs" / "api.md").read_text(encoding="utf-8") == module.render(), (
-        "docs/api.md is out of date: run `python docs/make_api.py`"
-    )
+    current, page = module.render(), (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    # Names, signatures and members must match the code; reworded docstring summaries are tolerated.
+    assert module.skeleton(page) == module.skeleton(current), "docs/api.md is out of date: run `python docs/make_api.py`"
+    assert len(module.skeleton(current)) > 100
 
 
 def test_benchmarks_checkpoint_table_matches_json():
