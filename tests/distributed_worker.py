@@ -38,7 +38,6 @@ def main(out_dir: str) -> None:
         use_cpu=True,
         ddp_backend="gloo",
         ddp_timeout=120,
-        ddp_find_unused_parameters=True,  # experts that get no token in a step have no gradient
         per_device_train_batch_size=4,
         max_steps=4,
         learning_rate=1e-3,
