@@ -103,6 +103,11 @@ class DataTrainingArguments:
         metadata={"help": "Pad every input to max_seq_length instead of dynamic padding per batch."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    train_sample_seed: int | None = field(
+        default=None,
+        metadata={"help": "With --max_train_samples: keep N rows drawn at random with this seed instead of the first "
+                  "N (the GLUE train files are ordered by source/genre, so the first rows are not a fair sample)."},
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N rows of each eval split."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only the first N test rows."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
@@ -360,9 +365,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result["label"] = examples["label"]
         return result
 
-    def prepare(split: str, limit: int | None):
+    def prepare(split: str, limit: int | None, sample_seed: int | None = None):
         dataset = raw[split]
         if limit is not None:
+            if sample_seed is not None:
+                dataset = dataset.shuffle(seed=sample_seed).flatten_indices()
             dataset = dataset.select(range(min(limit, len(dataset))))
         with training_args.main_process_first(desc=f"tokenizing {split}"):
             return dataset.map(
@@ -377,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_train:
         if task.train_split not in raw:
             raise ValueError(f"--do_train needs a {task.train_split!r} split; found {list(raw)}.")
-        train_dataset = prepare(task.train_split, data_args.max_train_samples)
+        train_dataset = prepare(task.train_split, data_args.max_train_samples, data_args.train_sample_seed)
     if training_args.do_eval:
         missing = [s for s in task.eval_splits if s not in raw]
         if missing:

@@ -143,7 +143,7 @@ def test_run_glue_end_to_end(run_glue, tiny_model, glue_dir, tmp_path, task, mod
     "task, mode, extra, method",
     [
         ("rte", "pad", ["--partition", "mp", "--scale_learning_rate", "1e-2", "--router_learning_rate", "3e-3"], "mp"),
-        ("stsb", "pad", ["--partition", "imp", "--partition_rounds", "2"], "imp"),
+        ("stsb", "pad", ["--partition", "imp", "--partition_rounds", "2", "--max_train_samples", "20", "--train_sample_seed", "0"], "imp"),
         ("rte", "moe_pruned", [], "moe_p"),
     ],
 )
@@ -155,6 +155,8 @@ def test_run_glue_partitioned_modes(run_glue, tiny_model, glue_dir, tmp_path, ta
     _check_results(out, keys, metrics)
     config = AutoConfig.from_pretrained(out)
     assert config.is_partitioned and config.partition["method"] == method
+    if "--max_train_samples" in extra:
+        assert json.loads((out / "train_results.json").read_text())["train_samples"] == 20
     results = json.loads((out / "all_results.json").read_text())
     # PAD/MoE-P count fewer parameters than the fully dynamic MoE they come from.
     assert results["parameters_dense_equivalent"] < results["parameters_total"] < results["parameters_moe_equivalent"]
