@@ -28,6 +28,7 @@ MODULES = [
     ("pad_moe_transformers.checkpoint", "Compact safetensors checkpoints ([checkpoint_format.md](checkpoint_format.md))."),
     ("pad_moe_transformers.modelcard", "The generated model card."),
     ("pad_moe_transformers.glue", "GLUE task table, TSV reader, metrics ([glue.md](glue.md))."),
+    ("pad_moe_transformers.training", "Optimizer groups with their own learning rate for routers and scale factors ([glue.md](glue.md))."),
     ("pad_moe_transformers.analysis", "Dynamic-property measures ([concepts.md](concepts.md#dynamic-property-paper-figure-6))."),
     ("pad_moe_transformers.cli", "The `pad-moe` command line ([cli.md](cli.md))."),
 ]
