@@ -420,7 +420,10 @@ class PADMoEPreTrainedModel(PreTrainedModel):
             outputs = self.model(**inputs, **kwargs, return_dict=True)
         except (IndexError, RuntimeError, ValueError) as error:
             # Only on the error path: name the bad input instead of the raw indexing/shape error.
-            problem = _diagnose_inputs(self.config, inputs, self._label_classes())
+            try:
+                problem = _diagnose_inputs(self.config, inputs, self._label_classes())
+            except Exception:  # e.g. a device that cannot be read after a device-side assert
+                problem = None
             if problem is not None:
                 raise ValueError(problem) from error
             raise
