@@ -5,7 +5,10 @@ Expert ``i``'s computational weight is
     W_eff_i = l_d * M * W_i + l_s * (1 - M) * W_static
 
 with one binary mask ``M`` and one static weight ``W_static`` shared by all experts of the linear,
-and scale factors ``(l_s, l_d)`` whose parametrisation depends on ``scale_factor_mode``.
+and scale factors ``(l_s, l_d)`` whose parametrisation depends on ``scale_factor_mode``. The scale
+factors are stored as 1-element 1-D parameters (shape ``(1,)``: FSDP1 and FSDP2 refuse 0-d
+parameters); `scale_factors()` returns them as 0-d tensors, and checkpoints store them as 0-d tensors
+(`_load_from_state_dict` accepts both shapes).
 Biases are per expert and fully dynamic (they are not partitioned: ``E * out`` values, <0.1% of
 the linear); they are upcycled from the dense bias like the weights. With neuron-structured
 partitions the FFN's input linear also has a shared ``static_bias``: a static neuron must compute
@@ -16,6 +19,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+SCALE_FACTOR_NAMES = ("scale_logit", "lambda_static", "lambda_dynamic")
+"""Attribute names of the scale-factor parameters a `PADExpertLinear` may have (which ones depends on
+its `scale_factor_mode`). Each is a `(1,)` parameter; checkpoints store it as a 0-d tensor."""
 
 
 class _MergedPADWeights(torch.autograd.Function):
@@ -87,12 +94,14 @@ class PADExpertLinear(nn.Module):
         self.static_bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias and shared_static_bias else None
         # True = dynamic (per expert), False = static (shared). All dynamic until a partition runs.
         self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
+        # Scale factors: shape (1,), not 0-d, because FSDP refuses 0-d parameters. Read them through
+        # `scale_factors()` (0-d); the state dict has them as (1,), checkpoint files as 0-d (both load).
         if scale_factor_mode == "sum2":
-            self.scale_logit = nn.Parameter(torch.zeros((), **factory))  # phi; l_d = 2 sigmoid(phi)
+            self.scale_logit = nn.Parameter(torch.zeros(1, **factory))  # phi; l_d = 2 sigmoid(phi)
         elif scale_factor_mode in ("static_only", "free"):
-            self.lambda_static = nn.Parameter(torch.ones((), **factory))
+            self.lambda_static = nn.Parameter(torch.ones(1, **factory))
         if scale_factor_mode in ("dynamic_only", "free"):
-            self.lambda_dynamic = nn.Parameter(torch.ones((), **factory))
+            self.lambda_dynamic = nn.Parameter(torch.ones(1, **factory))
         # Set by the partition code while scoring: a float relaxation of `mask` that requires grad.
         self.soft_mask: Tensor | None = None
         # Inference cache of `merged_weights()`, keyed by the identity and version of every input tensor.
@@ -128,15 +137,26 @@ class PADExpertLinear(nn.Module):
         return module
 
     def scale_factors(self) -> tuple[Tensor, Tensor]:
-        """Return `(l_s, l_d)` as 0-d tensors."""
+        """Return `(l_s, l_d)` as 0-d tensors (views of the `(1,)` scale-factor parameters, so they carry
+        their gradients)."""
         mode = self.scale_factor_mode
         if mode == "sum2":
-            l_d = 2.0 * torch.sigmoid(self.scale_logit)
+            l_d = 2.0 * torch.sigmoid(self.scale_logit[0])
             return 2.0 - l_d, l_d
         one = torch.ones((), device=self.static_weight.device, dtype=self.static_weight.dtype)
-        l_s = self.lambda_static if mode in ("static_only", "free") else one
-        l_d = self.lambda_dynamic if mode in ("dynamic_only", "free") else one
+        l_s = self.lambda_static[0] if mode in ("static_only", "free") else one
+        l_d = self.lambda_dynamic[0] if mode in ("dynamic_only", "free") else one
         return l_s, l_d
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Checkpoints (and state dicts of earlier versions) hold the scale factors as 0-d tensors.
+        for name in SCALE_FACTOR_NAMES:
+            key = prefix + name
+            parameter = getattr(self, name, None)
+            value = state_dict.get(key)
+            if isinstance(parameter, nn.Parameter) and isinstance(value, Tensor) and value.dim() == 0:
+                state_dict[key] = value.reshape(parameter.shape)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def static_term(self) -> Tensor:
         """`l_s * (1 - M) * W_static`, shape `(out, in)`: computed once per forward, shared by all experts."""

@@ -19,6 +19,7 @@ import pad_moe_transformers as pmt
 from conftest import random_batch, tiny_base_configs
 from pad_moe_transformers import checkpoint as ckpt
 from pad_moe_transformers.checkpoint import PADCheckpointError
+from pad_moe_transformers.pad_linear import SCALE_FACTOR_NAMES
 
 PREFIX0 = "model.bert.encoder.layer.0.intermediate.dense.fc_in."
 
@@ -42,9 +43,9 @@ def make_model(base="bert", cls=pmt.PADMoEForSequenceClassification, kappa: floa
                 linear.mask.copy_(mask)
                 linear.expert_weight.mul_(mask)
                 linear.static_weight.mul_(~mask)
-                for name, p in linear.named_parameters(recurse=False):
-                    if p.dim() == 0:
-                        p.fill_(0.3)
+                for name in SCALE_FACTOR_NAMES:  # the scale factors the mode has
+                    if hasattr(linear, name):
+                        getattr(linear, name).fill_(0.3)
     if kappa is not None:
         model.config.partition = {"method": "random", "dynamic_ratio": kappa}
     return model
@@ -131,7 +132,9 @@ def test_compact_checkpoint_stores_only_used_entries(saved):
         for e in range(4):
             assert torch.equal(values[e], linear.expert_weight.detach()[e][mask])
         assert torch.equal(tensors[prefix + "expert_bias"], linear.expert_bias.detach())
-        assert torch.equal(tensors[prefix + "scale_logit"], linear.scale_logit.detach())
+        stored_scale = tensors[prefix + "scale_logit"]  # 0-d in the file, (1,) in the model (FSDP needs 1-D)
+        assert stored_scale.shape == () and linear.scale_logit.shape == (1,)
+        assert torch.equal(stored_scale, linear.scale_logit.detach()[0]) and float(stored_scale) == pytest.approx(0.3)
 
 
 def test_never_partitioned_model_saves_as_plain_moe(tmp_path):
@@ -282,6 +285,88 @@ def test_trainer_style_state_dict_argument(tmp_path):
     model = make_model()
     model.save_pretrained(tmp_path, state_dict=model.state_dict())
     assert torch.equal(outputs(model), outputs(AutoModelForSequenceClassification.from_pretrained(tmp_path)))
+
+
+# ----------------------------------------------------------------------------------------------- scale factors
+# `(1,)` parameters in the model (FSDP1/FSDP2 refuse 0-d ones), 0-d tensors in the files (format version 1).
+LEGACY = os.path.join(os.path.dirname(__file__), "data", "legacy_0d_scales")
+SCALE_MODES = ["sum2", "static_only", "dynamic_only", "free"]
+
+
+def header_shapes(path):
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def scale_keys(model):
+    return [prefix + name for prefix, linear in ckpt.pad_linear_modules(model).items()
+            for name in SCALE_FACTOR_NAMES if hasattr(linear, name)]
+
+
+@pytest.mark.parametrize("kappa", [0.4, None], ids=["compact", "moe"])
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_scale_factors_are_stored_0d(tmp_path, mode, kappa):
+    model = make_model(kappa=kappa, scale_factor_mode=mode)
+    keys = scale_keys(model)
+    assert keys and all(model.get_parameter(k).shape == (1,) for k in keys)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")  # shards too
+    shapes = {}
+    for name in os.listdir(tmp_path):
+        if name.endswith(".safetensors"):
+            shapes.update(header_shapes(tmp_path / name))
+    assert {k: shapes[k] for k in keys} == dict.fromkeys(keys, [])
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    for key in keys:
+        assert again.get_parameter(key).shape == (1,) and torch.equal(again.get_parameter(key), model.get_parameter(key))
+    if kappa is not None:  # the moe layout rebuilds the unused static weight
+        assert_same_module(model, again)
+    assert torch.equal(outputs(model), outputs(again))
+
+
+@pytest.mark.parametrize("name", ["sum2_compact", "free_moe"])
+def test_checkpoints_of_0d_parameters_load_and_resave_byte_identically(tmp_path, name):
+    """Files written by the code whose scale factors were 0-d parameters (commit a322b30, `model_card=False`):
+    they load into the `(1,)` parameters, and saving the loaded model writes the same bytes."""
+    legacy = os.path.join(LEGACY, name)
+    model = AutoModelForSequenceClassification.from_pretrained(legacy)
+    stored = load_file(os.path.join(legacy, "model.safetensors"))
+    keys = scale_keys(model)
+    assert len(keys) == (2 if name.startswith("sum2") else 4)
+    for key in keys:
+        assert stored[key].shape == () and model.get_parameter(key).shape == (1,)
+        assert torch.equal(model.get_parameter(key).detach()[0], stored[key])
+    model.save_pretrained(tmp_path, model_card=False)
+    assert (tmp_path / "model.safetensors").read_bytes() == open(os.path.join(legacy, "model.safetensors"), "rb").read()
+    fresh = AutoModelForSequenceClassification.from_config(model.config)
+    fresh.load_state_dict(stored)  # what Trainer's resume does with such a file
+    assert_same_module(model, fresh)
+
+
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_state_dict_with_0d_scale_factors_loads(mode):
+    """A state dict of the earlier 0-d parameters: `load_state_dict` reshapes them; outputs are identical."""
+    model = make_model(scale_factor_mode=mode)
+    old = {k: (v.reshape(()) if k in scale_keys(model) else v) for k, v in model.state_dict().items()}
+    assert sum(v.dim() == 0 for v in old.values()) == len(scale_keys(model)) > 0
+    torch.manual_seed(5)
+    fresh = make_model(scale_factor_mode=mode)
+    for key in scale_keys(fresh):
+        fresh.get_parameter(key).data.fill_(-1.0)
+    fresh.load_state_dict(old)
+    assert_same_module(model, fresh)
+    assert torch.equal(outputs(model), outputs(fresh))
+
+
+def test_stored_scale_factor_shapes(saved):
+    """A `(1,)` scale factor in a file loads too; any other shape is refused."""
+    model, path = saved
+    rewrite(path / "model.safetensors", lambda t: t.update({PREFIX0 + "scale_logit": t[PREFIX0 + "scale_logit"].reshape(1)}))
+    assert header_shapes(path / "model.safetensors")[PREFIX0 + "scale_logit"] == [1]
+    assert_same_module(model, load(path))
+    rewrite(path / "model.safetensors", lambda t: t.update({PREFIX0 + "scale_logit": torch.zeros(2)}))
+    with pytest.raises(PADCheckpointError, match=r"fc_in\.scale_logit' has shape \[2\]; a scale factor is stored as \[\]"):
+        load(path)
 
 
 # ----------------------------------------------------------------------------------------------- size

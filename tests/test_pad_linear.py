@@ -109,3 +109,36 @@ def test_fused_training_weights_match_autograd_reference(mode):
             assert a is None or torch.all(a == 0), name
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["sum2", "none", "static_only", "dynamic_only", "free"])
+def test_scale_factors_are_1d_parameters_read_as_0d(mode):
+    """FSDP1/FSDP2 refuse 0-d parameters: the scale factors are `(1,)`; `scale_factors()` stays 0-d."""
+    linear = _random_pad_linear(mode)
+    names = {"sum2": ["scale_logit"], "none": [], "static_only": ["lambda_static"],
+             "dynamic_only": ["lambda_dynamic"], "free": ["lambda_static", "lambda_dynamic"]}[mode]
+    assert [n for n, p in linear.named_parameters() if p.numel() == 1] == names
+    assert all(getattr(linear, n).shape == (1,) for n in names)
+    l_s, l_d = linear.scale_factors()
+    assert l_s.shape == l_d.shape == ()
+    assert (l_s.item(), l_d.item()) == pytest.approx(_reference_scales(linear))
+    if names:
+        (l_s * 2 + l_d * 3).backward()  # the gradients reach the (1,) parameters
+    for name in names:
+        assert getattr(linear, name).grad.shape == (1,) and getattr(linear, name).grad.abs().item() > 0
+
+
+@pytest.mark.parametrize("mode", ["sum2", "static_only", "dynamic_only", "free"])
+def test_load_state_dict_accepts_0d_scale_factors(mode):
+    """State dicts (and checkpoint files) hold the scale factors as 0-d tensors: they load into `(1,)`."""
+    linear = _random_pad_linear(mode)
+    old = {k: (v.reshape(()) if v.numel() == 1 else v) for k, v in linear.state_dict().items()}
+    assert any(v.dim() == 0 for v in old.values())
+    fresh = PADExpertLinear(linear.in_features, linear.out_features, linear.num_experts, scale_factor_mode=mode)
+    fresh.load_state_dict(old)
+    for key, value in linear.state_dict().items():
+        assert fresh.state_dict()[key].shape == value.shape and torch.equal(fresh.state_dict()[key], value), key
+    assert torch.equal(fresh.merged_weights(), linear.merged_weights())
+    fresh.load_state_dict(linear.state_dict())  # and the (1,) tensors of its own state dict
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fresh.load_state_dict({**old, next(k for k in old if old[k].dim() == 0): torch.zeros(2)})

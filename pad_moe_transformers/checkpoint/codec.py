@@ -20,10 +20,12 @@ from .format import (
     METADATA_VERSION,
     RAW_SUFFIXES,
     checkpoint_layout,
+    is_scale_factor_key,
     pack_mask,
     pad_config_fingerprint,
     pad_linear_modules,
     pad_prefix_of,
+    stored_scale_factor,
     tied_weight_keys,
     unpack_mask,
 )
@@ -36,6 +38,7 @@ from .validate import (
     check_no_unexpected,
     check_packed_mask,
     check_saved_linears,
+    check_scale_factor,
     check_state_tensor,
     fail,
     require_tensor,
@@ -77,6 +80,7 @@ def compact_state_dict(
 
     Returns `(tensors, metadata)`: CPU tensors ready for safetensors and the header metadata
     (without `pad_moe.linears`, which is per file). Tied weights are dropped (they are re-tied on load).
+    The `(1,)` scale-factor parameters are stored 0-d, as format version 1 specifies.
     """
     state_dict = dict(model.state_dict() if state_dict is None else state_dict)
     state_dict = _remove_tied_weights(state_dict, model)
@@ -92,7 +96,10 @@ def compact_state_dict(
                 for name, value in encoded.pop(prefix).items():
                     out[prefix + name] = value
             continue
-        out[key] = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach().cpu()
+        if is_scale_factor_key(key, linears):
+            tensor = stored_scale_factor(tensor)
+        out[key] = tensor.contiguous()
     metadata = {
         "format": "pt",
         METADATA_VERSION: str(FORMAT_VERSION),
@@ -165,6 +172,8 @@ def decode_checkpoint(
         if key not in expected or (pad_prefix_of(key, linears) and key.rsplit(".", 1)[1] in RAW_SUFFIXES):
             unexpected.append(key)
             continue
+        if is_scale_factor_key(key, linears):
+            tensor = check_scale_factor(key, tensor, expected[key])
         check_state_tensor(key, tensor, expected[key])
         dense[key] = tensor
     check_no_unexpected(unexpected, linears)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..pad_linear import PADExpertLinear
+from ..pad_linear import SCALE_FACTOR_NAMES, PADExpertLinear
 
 FORMAT_VERSION = 1
 """Version of the compact checkpoint format written by this package (readers accept 1..FORMAT_VERSION)."""
@@ -32,6 +32,8 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Tensors of a PAD linear that the compact layouts replace.
 RAW_SUFFIXES = ("expert_weight", "static_weight", "mask")
 COMPACT_SUFFIXES = ("mask_packed", "static_values", "expert_values")
+# Scale factors of a PAD linear: `(1,)` parameters in the model (FSDP refuses 0-d ones), 0-d in the files.
+SCALE_SUFFIXES = SCALE_FACTOR_NAMES
 _BIT_WEIGHTS = [1 << i for i in range(8)]  # bit i of a byte <-> element 8*byte + i (LSB first)
 
 
@@ -103,6 +105,17 @@ def pad_prefix_of(key: str, linears: Mapping[str, Any]) -> str | None:
     """The PAD-linear prefix (ending in '.') that the state-dict `key` belongs to, or None."""
     prefix = key.rsplit(".", 1)[0] + "."
     return prefix if prefix in linears else None
+
+
+def is_scale_factor_key(key: str, linears: Mapping[str, Any]) -> bool:
+    """Whether the state-dict `key` is a scale factor (`scale_logit`, `lambda_static`, `lambda_dynamic`)
+    of one of the PAD linears `linears` (`{prefix: linear}`)."""
+    return pad_prefix_of(key, linears) is not None and key.rsplit(".", 1)[1] in SCALE_SUFFIXES
+
+
+def stored_scale_factor(tensor: Tensor) -> Tensor:
+    """A scale factor as the files store it: 0-d (the model's parameter is `(1,)`)."""
+    return tensor.reshape(()) if tensor.dim() == 1 and tensor.numel() == 1 else tensor
 
 
 def linear_shape(linear: PADExpertLinear) -> list[int]:

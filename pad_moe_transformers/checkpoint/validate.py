@@ -234,6 +234,13 @@ def check_compact_values(
         )
 
 
+def check_scale_factor(key: str, tensor: Tensor, want: Tensor) -> Tensor:
+    """A stored scale factor: 0-d (format version 1) or `(1,)`; returned in the model's shape (`want`'s)."""
+    if tensor.numel() != 1 or tensor.dim() > 1:
+        fail(f"Tensor {key!r} has shape {list(tensor.shape)}; a scale factor is stored as [] (or [1]).")
+    return tensor.reshape(want.shape)
+
+
 def check_state_tensor(key: str, tensor: Tensor, want: Tensor) -> None:
     """A tensor stored under its own state-dict name: same shape, same kind of dtype as the model's."""
     if _shape(tensor) != _shape(want):
