@@ -17,6 +17,8 @@ the same thing in every expert, bias included, so its bias comes from the static
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -136,16 +138,25 @@ class PADExpertLinear(nn.Module):
                     module.static_bias.copy_(linear.bias.detach())
         return module
 
-    def scale_factors(self) -> tuple[Tensor, Tensor]:
+    def scale_factors(self, values: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Return `(l_s, l_d)` as 0-d tensors (views of the `(1,)` scale-factor parameters, so they carry
-        their gradients)."""
+        their gradients).
+
+        `values` (`{name: tensor}`, `(1,)` or 0-d, e.g. taken from a full state dict) overrides the module's
+        own scale-factor parameters, which are shards when the module is FSDP-sharded.
+        """
+
+        def scale(name: str) -> Tensor:
+            tensor = values[name] if values is not None and name in values else getattr(self, name)
+            return tensor.reshape(())
+
         mode = self.scale_factor_mode
         if mode == "sum2":
-            l_d = 2.0 * torch.sigmoid(self.scale_logit[0])
+            l_d = 2.0 * torch.sigmoid(scale("scale_logit"))
             return 2.0 - l_d, l_d
         one = torch.ones((), device=self.static_weight.device, dtype=self.static_weight.dtype)
-        l_s = self.lambda_static[0] if mode in ("static_only", "free") else one
-        l_d = self.lambda_dynamic[0] if mode in ("dynamic_only", "free") else one
+        l_s = scale("lambda_static") if mode in ("static_only", "free") else one
+        l_d = scale("lambda_dynamic") if mode in ("dynamic_only", "free") else one
         return l_s, l_d
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

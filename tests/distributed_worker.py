@@ -22,6 +22,8 @@ from transformers import BertConfig, Trainer, TrainingArguments
 from transformers.models.bert.modeling_bert import BertLayer
 
 import pad_moe_transformers as pmt
+from pad_moe_transformers.configuration_pad_moe import SCALE_FACTOR_MODES
+from pad_moe_transformers.pad_linear import SCALE_FACTOR_NAMES
 from pad_moe_transformers.partition import pad_linears, partition_model
 from test_callback import _PairDataset
 from test_partition import _batches, _tiny_model
@@ -79,7 +81,7 @@ def main(out_dir: str) -> None:
         )
 
 
-def _fsdp_model(scale_factor_mode: str):
+def _fsdp_model(scale_factor_mode: str = "sum2"):
     """A tiny partitioned PAD model without dropout (the same on every rank)."""
     torch.manual_seed(0)
     base = BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=50,
@@ -88,6 +90,12 @@ def _fsdp_model(scale_factor_mode: str):
         pmt.PADMoEConfig(base_config=base, num_experts=4, scale_factor_mode=scale_factor_mode))
     partition_model(model, _batches(n=2), method="random", dynamic_ratio=0.5, progress=False)
     return model
+
+
+def _scale_parameters(model) -> dict:
+    """The scale-factor parameters of the first PAD linear (`(1,)` each; none with scale_factor_mode="none")."""
+    linear = pad_linears(model)["layer.0.fc_in"]
+    return {name: getattr(linear, name) for name in SCALE_FACTOR_NAMES if hasattr(linear, name)}
 
 
 def fsdp_checks(out_dir: str, rank: int) -> dict:
@@ -100,36 +108,64 @@ def fsdp_checks(out_dir: str, rank: int) -> dict:
         return {"unavailable": str(error)}
     result = {}
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    # 1. The default model (scale_factor_mode="sum2") has 0-d scale-factor parameters, which FSDP refuses.
-    for name, wrap in (("fsdp2", lambda m: fully_shard(m.model.bert.encoder.layer[0], mesh=mesh)),
-                       ("fsdp1", lambda m: FullyShardedDataParallel(m, auto_wrap_policy=ModuleWrapPolicy({BertLayer}),
-                                                                    device_id=torch.device("cpu")))):
-        try:
-            wrap(_fsdp_model("sum2"))
-            result[f"{name}_sum2"] = "wrapped"
-        except ValueError as error:
-            result[f"{name}_sum2"] = str(error)
-
-    # 2. scale_factor_mode="none" (no scalar parameters): FSDP2 with one unit per BertLayer, then the root.
     batches = _batches(n=2)
-    model = _fsdp_model("none")
+
+    def fsdp1_wrap(model):
+        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({BertLayer}), device_id=torch.device("cpu"))
+
+    def fsdp1_scales(wrapped) -> dict:  # gathered on every rank (a collective)
+        with FullyShardedDataParallel.summon_full_params(wrapped):
+            return {n: p.detach().tolist() for n, p in _scale_parameters(wrapped.module).items()}
+
+    # 1. Every scale_factor_mode: FSDP2 (one unit per BertLayer, then the root) and FSDP1 accept the (1,) scale
+    #    factors (both refuse 0-d parameters); the scale factors receive gradients and FSDP1 training moves them.
+    modes = {}
+    for mode in SCALE_FACTOR_MODES:
+        info = {}
+        model = _fsdp_model(mode)
+        for layer in model.model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        model(**batches[0]).loss.backward()
+        scales = _scale_parameters(model)
+        info["fsdp2_local_numel"] = {n: p.to_local().numel() for n, p in scales.items()}  # 1 on rank 0, 0 on rank 1
+        info["fsdp2_grad"] = {n: float(p.grad.full_tensor().abs().sum()) for n, p in scales.items()}
+        wrapped = fsdp1_wrap(_fsdp_model(mode))
+        before = fsdp1_scales(wrapped)
+        optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.5)
+        for step in range(2):
+            wrapped(**batches[step]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        after = fsdp1_scales(wrapped)
+        info["fsdp1_scales"] = {n: [before[n], after[n]] for n in before}
+        modes[mode] = info
+    result["modes"] = modes
+
+    # 2. The default model (scale_factor_mode="sum2") under FSDP2: sharding, training, the eval cache, partition.
+    model = _fsdp_model()
     reference = {n: lin.mask.clone() for n, lin in pad_linears(model).items()}
+    initial_scale = _scale_parameters(model)["scale_logit"].detach().clone()
     for layer in model.model.bert.encoder.layer:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     linear = pad_linears(model)["layer.0.fc_in"]
     result["expert_weight_local_shape"] = list(linear.expert_weight.to_local().shape)
+    result["scale_logit_shape"] = list(linear.scale_logit.shape)
     result["mask_shape"] = list(linear.mask.shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model.eval()
     with torch.no_grad():
         before = model(**batches[0]).logits
+    scale_grads = []
     for step in range(3):
         model.train()
         loss = model(**batches[step % 2]).loss
         loss.backward()
+        scale_grads.append(float(linear.scale_logit.grad.full_tensor().abs().sum()))
         optimizer.step()
         optimizer.zero_grad()
+    result["scale_logit_grads"] = scale_grads
     model.eval()
     with torch.no_grad():  # merged-weight cache (eval, no autograd)
         cached = model(**batches[0]).logits
@@ -144,13 +180,14 @@ def fsdp_checks(out_dir: str, rank: int) -> dict:
     except ValueError as error:
         result["partition_sharded"] = str(error)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if rank == 0:  # with cpu_offload=True only rank 0 receives the full state dict
+        scale = state["model.bert.encoder.layer.0.intermediate.dense.fc_in.scale_logit"]
+        result["scale_logit_moved"] = [initial_scale.item(), scale.item()]
         model.save_pretrained(os.path.join(out_dir, "fsdp2"), state_dict=state)
         np.savez(os.path.join(out_dir, "fsdp2_state.npz"), **{k: v.numpy() for k, v in state.items()})
 
     # 3. FSDP1 inserts `_fsdp_wrapped_module` into module names; saving with a full state dict still works.
-    twin, wrapped = _fsdp_model("none"), FullyShardedDataParallel(
-        _fsdp_model("none"), auto_wrap_policy=ModuleWrapPolicy({BertLayer}), device_id=torch.device("cpu"))
+    twin, wrapped = _fsdp_model(), fsdp1_wrap(_fsdp_model())
     result["fsdp1_module_names"] = next(n for n, m in wrapped.named_modules() if isinstance(m, pmt.PADExpertLinear))
     if rank == 0:
         try:

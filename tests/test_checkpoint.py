@@ -593,6 +593,22 @@ def test_model_card_metadata_and_body(tmp_path):
     assert pmt.build_model_card(model).data.base_model is None
 
 
+def test_model_card_reads_the_scale_factors_of_the_given_state_dict(tmp_path):
+    """`save_pretrained(state_dict=...)` (the FSDP save, where the module's own parameters are shards) writes
+    the scale factors of that state dict into the card, as it does into the weights."""
+    model = make_model(scale_factor_mode="free")
+    state = model.state_dict()
+    key = "model.bert.encoder.layer.1.intermediate.dense.fc_out."
+    state[key + "lambda_static"], state[key + "lambda_dynamic"] = torch.tensor([0.25]), torch.tensor(1.75)  # (1,), 0-d
+    model.save_pretrained(tmp_path, state_dict=state)
+    row = next(r for r in model.parameter_report().layers if r.layer == 1 and r.linear == "fc_out")
+    expected = f"| 1 | fc_out | {row.dynamic_ratio:.4f} | {row.dynamic:,} | {row.static:,} | 0.2500 | 1.7500 |"
+    assert expected in ModelCard.load(tmp_path / "README.md").text
+    assert model.moe_layers[1].fc_out.lambda_static.item() == pytest.approx(0.3)  # the module is unchanged
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert [float(x.detach()) for x in again.moe_layers[1].fc_out.scale_factors()] == [0.25, 1.75]
+
+
 def test_model_card_options(tmp_path):
     model = make_model(kappa=None)
     model.save_pretrained(tmp_path, base_model="org/dense", eval_results={"glue/sst2": {"accuracy": 0.9}}, tags=["x"])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
 from pad_moe_transformers.partition import pad_linears
@@ -141,17 +142,34 @@ def _fsdp(two_ranks):
     return r0["fsdp"]
 
 
-def test_fsdp_refuses_the_scalar_scale_factors_of_the_default_mode(two_ranks):
-    """A documented limitation: if this starts failing, FSDP accepts the default model; update the docs."""
+def test_fsdp_accepts_the_scale_factors_of_every_mode(two_ranks):
+    """The scale factors are (1,) parameters: FSDP2 and FSDP1 (which refuse 0-d ones) shard and train every
+    scale_factor_mode, the default "sum2" included, and the scale factors receive gradients."""
+    _, (r0, r1) = two_ranks
     fsdp = _fsdp(two_ranks)
-    assert "doesn't support scalar parameters" in fsdp["fsdp2_sum2"] and "scale_logit" in fsdp["fsdp2_sum2"]
-    assert "doesn't support scalar parameters" in fsdp["fsdp1_sum2"]
+    expected = {"sum2": ["scale_logit"], "none": [], "static_only": ["lambda_static"],
+                "dynamic_only": ["lambda_dynamic"], "free": ["lambda_static", "lambda_dynamic"]}
+    assert set(fsdp["modes"]) == set(expected)
+    for mode, names in expected.items():
+        info, other = fsdp["modes"][mode], r1["fsdp"]["modes"][mode]
+        assert sorted(info["fsdp2_grad"]) == sorted(names), mode
+        for name in names:
+            # FSDP2 shards dim 0: one rank holds the value, the other an empty shard.
+            assert info["fsdp2_local_numel"][name] + other["fsdp2_local_numel"][name] == 1, (mode, name)
+            assert info["fsdp2_grad"][name] > 0, (mode, name)
+            before, after = info["fsdp1_scales"][name]
+            assert len(before) == len(after) == 1 and before != after, (mode, name)  # FSDP1 training moved it
+            assert info["fsdp1_scales"][name] == other["fsdp1_scales"][name], (mode, name)
 
 
 def test_fsdp2_shards_experts_keeps_masks_whole_and_the_cache_valid(two_ranks):
+    """The default model (scale_factor_mode="sum2") under FSDP2, one unit per BertLayer."""
     fsdp = _fsdp(two_ranks)
     assert fsdp["expert_weight_local_shape"] == [2, 32, 16]  # dim 0 (experts) split over the 2 ranks
+    assert fsdp["scale_logit_shape"] == [1]
     assert fsdp["mask_shape"] == [32, 16]  # a buffer: never sharded, the whole mask on every rank
+    assert len(fsdp["scale_logit_grads"]) == 3 and all(g > 0 for g in fsdp["scale_logit_grads"])
+    assert fsdp["scale_logit_moved"][0] == 0.0 and fsdp["scale_logit_moved"][1] != 0.0
     assert fsdp["masks_unchanged"] and fsdp["eval_moved"]
     assert fsdp["cached_minus_uncached"] == 0.0  # the eval cache follows the weights FSDP gathers
     assert fsdp["partition_sharded"].startswith("Mode partition needs the full (unsharded) weights")
@@ -161,10 +179,15 @@ def test_full_state_dicts_of_fsdp_models_save_and_load(two_ranks):
     out, _ = two_ranks
     fsdp = _fsdp(two_ranks)
     assert "_fsdp_wrapped_module" in fsdp["fsdp1_module_names"] and fsdp["fsdp1_save"] == "saved"
+    scale = "model.bert.encoder.layer.0.intermediate.dense.fc_in.scale_logit"
     for name in ("fsdp2", "fsdp1"):
+        with safe_open(str(out / name / "model.safetensors"), "pt") as f:
+            assert f.get_slice(scale).get_shape() == []  # stored 0-d, as format version 1 specifies
         model = AutoModelForSequenceClassification.from_pretrained(out / name)
+        assert model.config.scale_factor_mode == "sum2"
         with np.load(out / f"{name}_state.npz") as state:
             loaded = model.state_dict()
             assert set(state.files) == set(loaded)
             for key in state.files:
-                assert np.array_equal(state[key], loaded[key].numpy()), (name, key)
+                assert state[key].shape == loaded[key].shape and np.array_equal(state[key], loaded[key].numpy()), (name, key)
+            assert state[scale].shape == (1,)
