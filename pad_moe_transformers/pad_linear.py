@@ -140,11 +140,8 @@ class PADExpertLinear(nn.Module):
 
     def scale_factors(self, values: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """Return `(l_s, l_d)` as 0-d tensors (views of the `(1,)` scale-factor parameters, so they carry
-        their gradients).
-
-        `values` (`{name: tensor}`, `(1,)` or 0-d, e.g. taken from a full state dict) overrides the module's
-        own scale-factor parameters, which are shards when the module is FSDP-sharded.
-        """
+        their gradients). `values` (`{name: tensor}`, `(1,)` or 0-d, e.g. from a full state dict) replaces
+        the module's own scale-factor parameters, which are shards when the module is FSDP-sharded."""
 
         def scale(name: str) -> Tensor:
             tensor = values[name] if values is not None and name in values else getattr(self, name)

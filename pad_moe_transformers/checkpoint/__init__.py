@@ -9,7 +9,7 @@ zeros that eq. 4 never reads. A compact checkpoint stores exactly the used entri
     <prefix>.static_values  float  [out*in - nnz(M)]  W_static[~M] in row-major order
     <prefix>.expert_values  float  [E, nnz(M)]        W_e[M] in row-major order, one row per expert
     <prefix>.expert_bias    float  [E, out]           unchanged (if the linear has a bias)
-    <prefix>.scale_logit | lambda_static | lambda_dynamic   unchanged 0-d scale factors
+    <prefix>.scale_logit | lambda_static | lambda_dynamic   0-d scale factors (the `(1,)` parameters, squeezed)
 
 A model whose masks are all ones and which was never partitioned (a plain MoE) is stored in the
 ``"moe"`` layout instead: ``<prefix>.expert_weight [E, out, in]`` plus bias and scales; no mask, no
