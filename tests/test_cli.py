@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizerFast
+from _tiny_models import save_tiny_bert
+from transformers import AutoModel, AutoModelForSequenceClassification, BertModel
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.cli import main
@@ -36,14 +37,7 @@ def _sentence(i: int, n: int = 5) -> str:
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("dense")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", '"', "##s", *WORDS]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"))  # transformers 5: `vocab=`, not `vocab_file=`
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_tiny_bert(path, WORDS)
     return str(path)
 
 

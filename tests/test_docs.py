@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
+from _tiny_models import save_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -118,23 +118,11 @@ def _write_glue(root: Path) -> None:
         (root / "STS-B" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
 
 
-def _write_tiny_bert(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "##s", *WORDS]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"))  # transformers 5: `vocab=`, not `vocab_file=`
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory) -> Path:
     """A folder with `bert-base-uncased/` and the GLUE TSVs; pages run in copies of `main/`."""
     root = tmp_path_factory.mktemp("docs")
-    _write_tiny_bert(root / "bert-base-uncased")
+    save_tiny_bert(root / "bert-base-uncased", WORDS, punctuation=(".", ","))
     _write_glue(root / "shared" / "data" / "glue")
     return root
 

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizerFast
+from _tiny_models import save_tiny_bert
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
 
 import pad_moe_transformers as pmt
 
@@ -38,22 +38,8 @@ def run_glue():
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny_bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", '"', "##s", *WORDS]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    # Transformers 5: the tokenizers-backed BertTokenizer takes the vocab (file or dict) as `vocab`.
-    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"))
-    assert tokenizer.convert_tokens_to_ids("dog") == vocab.index("dog")
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    vocab = save_tiny_bert(path, WORDS)
+    assert BertTokenizerFast.from_pretrained(path).convert_tokens_to_ids("dog") == vocab.index("dog")
     return str(path)
 
 
