@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny_models import save_tiny_bert
+from _fixtures import save_tiny_bert, write_glue_tsvs
 from transformers import AutoModel, AutoModelForSequenceClassification, BertModel
 
 import pad_moe_transformers as pmt
@@ -25,13 +25,6 @@ from pad_moe_transformers.partition import perturb_experts
 
 WORDS = "the a cat dog man woman is was on in park ball plays runs sleeps red big small".split()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _sentence(i: int, n: int = 5) -> str:
-    words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n)]
-    if i % 4 == 0:
-        words[1] = f'"{words[1]}"'  # GLUE sentences contain quotes; the reader keeps them
-    return " ".join(words) + " ."
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +36,7 @@ def dense(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def glue(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("glue")
-    (root / "RTE").mkdir()
-    (root / "STS-B").mkdir()
-    for split, rows in (("train", 24), ("dev", 10)):
-        lines = ["index\tsentence1\tsentence2\tlabel"]
-        lines += [f"{i}\t{_sentence(i)}\t{_sentence(i + 1, 3)}\t{'entailment' if i % 2 else 'not_entailment'}"
-                  for i in range(rows)]
-        (root / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-        lines = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
-        lines += [f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{_sentence(i)}\t{_sentence(i + 2, 4)}\t{(i * 0.37) % 5:.3f}"
-                  for i in range(rows)]
-        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return root
+    return write_glue_tsvs(tmp_path_factory.mktemp("glue"), WORDS, train_rows=24, dev_rows=10)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tiny_models import save_tiny_bert
+from _fixtures import fixture_sentence, save_tiny_bert, write_glue_tsvs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -101,29 +101,12 @@ def pad_moe_commands(code: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ fixtures
-def _sentence(i: int, n: int = 6) -> str:
-    return " ".join(WORDS[(i * 5 + j * 3) % len(WORDS)] for j in range(n)) + " ."
-
-
-def _write_glue(root: Path) -> None:
-    (root / "RTE").mkdir(parents=True, exist_ok=True)
-    (root / "STS-B").mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", 24), ("dev", 12)):
-        lines = ["index\tsentence1\tsentence2\tlabel"]
-        lines += [f"{i}\t{_sentence(i)}\t{_sentence(i + 1, 4)}\t{'entailment' if i % 2 else 'not_entailment'}" for i in range(rows)]
-        (root / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-        lines = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
-        lines += [f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{_sentence(i)}\t{_sentence(i + 2)}\t{(i * 0.37) % 5:.3f}"
-                  for i in range(rows)]
-        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-
-
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory) -> Path:
     """A folder with `bert-base-uncased/` and the GLUE TSVs; pages run in copies of `main/`."""
     root = tmp_path_factory.mktemp("docs")
     save_tiny_bert(root / "bert-base-uncased", WORDS, punctuation=(".", ","))
-    _write_glue(root / "shared" / "data" / "glue")
+    write_glue_tsvs(root / "shared" / "data" / "glue", WORDS, train_rows=24, dev_rows=12)
     return root
 
 
@@ -146,7 +129,7 @@ def _tiny_batches(path: str, n: int = 2) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     batches = []
     for b in range(n):
-        texts = [_sentence(b * 4 + i) for i in range(4)]
+        texts = [fixture_sentence(WORDS, b * 4 + i, 6) for i in range(4)]
         batch = dict(tokenizer(texts, padding=True, return_tensors="pt"))
         batch["labels"] = torch.tensor([0, 1, 1, 0])
         batches.append(batch)

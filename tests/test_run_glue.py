@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _tiny_models import save_tiny_bert
+from _fixtures import save_tiny_bert, write_glue_tsvs
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
 
 import pad_moe_transformers as pmt
@@ -43,32 +43,9 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
-def _sentence(i: int, n: int = 5) -> str:
-    words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n)]
-    if i % 4 == 0:
-        words[1] = f'"{words[1]}"'  # quotes inside sentences, as in GLUE
-    return " ".join(words) + " ."
-
-
 @pytest.fixture(scope="module")
 def glue_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("glue")
-    (root / "RTE").mkdir()
-    (root / "STS-B").mkdir()
-    for split, rows in (("train", 32), ("dev", 12)):
-        lines = ["index\tsentence1\tsentence2\tlabel"]
-        lines += [
-            f"{i}\t{_sentence(i)}\t{_sentence(i + 1, 3)}\t{'entailment' if i % 2 else 'not_entailment'}"
-            for i in range(rows)
-        ]
-        (root / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-        lines = ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"]
-        lines += [
-            f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{_sentence(i)}\t{_sentence(i + 2, 4)}\t{(i * 0.37) % 5:.3f}"
-            for i in range(rows)
-        ]
-        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return root
+    return write_glue_tsvs(tmp_path_factory.mktemp("glue"), WORDS, train_rows=32, dev_rows=12)
 
 
 def _argv(task: str, mode: str, model: str, data: Path, out: Path, *extra: str) -> list[str]:
