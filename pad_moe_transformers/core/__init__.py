@@ -1,0 +1,8 @@
+"""The PAD core shared by every dynamic function (MoE experts now, dynamic convolution next).
+
+See docs/architecture.md for the contract.
+"""
+
+from .registry import PADLinearRef, named_pad_linears
+
+__all__ = ["PADLinearRef", "named_pad_linears"]
