@@ -15,16 +15,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .architectures import PAD_FFN_LAYOUTS
-
-SCALE_FACTOR_MODES = ("sum2", "none", "static_only", "dynamic_only", "free")
-"""Ways to scale the dynamic and static parts of eq. 4 (paper Table 4):
-
-- ``"sum2"``: trainable ``l_d = 2 * sigmoid(phi)``, ``l_s = 2 - l_d`` (both 1 at init) -- the paper's choice.
-- ``"none"``: ``l_d = l_s = 1``, nothing trainable.
-- ``"static_only"``: only ``l_s`` is trainable (init 1), ``l_d = 1``.
-- ``"dynamic_only"``: only ``l_d`` is trainable (init 1), ``l_s = 1``.
-- ``"free"``: ``l_s`` and ``l_d`` both trainable and unconstrained (init 1).
-"""
+from .core.scale_factors import SCALE_FACTOR_MODES
 
 PARTITION_GRANULARITIES = ("element", "neuron")
 
@@ -202,6 +193,26 @@ class PADMoEConfig(PreTrainedConfig):
         )
         _apply_head_fields(config, {k: getattr(base, k) for k in ("id2label", "label2id", "problem_type")})
         return config
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        """`PreTrainedConfig.from_dict`, plus: keyword overrides that are attributes of the base config
+        (e.g. `hidden_dropout_prob=0.3` at `from_pretrained`) go to the base config, as they would for the
+        plain family model, instead of being passed on to the model's `__init__`."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        for key in list(unused):
+            if isinstance(config.base_config, PreTrainedConfig) and hasattr(config.base_config, key):
+                setattr(config.base_config, key, unused.pop(key))
+        config.sync_base_config()
+        return (config, unused) if return_unused_kwargs else config
+
+    def sync_base_config(self) -> None:
+        """Copy the task-head fields (`id2label`, `label2id`, `problem_type`) of this config, which Trainer,
+        pipelines and `from_pretrained(..., num_labels=...)` set, to the base config the head is built from."""
+        _apply_head_fields(
+            self.base_config, {k: getattr(self, k) for k in ("id2label", "label2id", "problem_type")}
+        )
 
     @property
     def base_model_type(self) -> str:

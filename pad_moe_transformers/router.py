@@ -82,3 +82,24 @@ def router_z_loss(logits: Tensor) -> Tensor:
     if logits.shape[0] == 0:
         return logits.new_zeros(())
     return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def real_tokens(decision: RoutingDecision, token_mask: Tensor | None) -> RoutingDecision:
+    """The decision restricted to the real (non-padding) tokens: `token_mask` `(N,)` bool, None = all real.
+
+    Padding tokens are routed like real ones (their outputs are never read by the real tokens of an encoder,
+    whose attention masks them), but they must not count in the auxiliary losses or in expert usage.
+    """
+    if token_mask is None:
+        return decision
+    return RoutingDecision(
+        logits=decision.logits[token_mask],
+        probs=decision.probs[token_mask],
+        gates=decision.gates[token_mask],
+        experts=decision.experts[token_mask],
+    )
+
+
+def expert_counts(experts: Tensor, num_experts: int) -> Tensor:
+    """`(E,)` int64: top-k slots assigned to each expert by `experts` `(N, k)`."""
+    return torch.bincount(experts.reshape(-1), minlength=num_experts)

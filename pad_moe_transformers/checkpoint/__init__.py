@@ -26,7 +26,7 @@ and the checks), `codec` (encode / decode of the PAD linears), `load` (reading t
 `size` (theoretical and on-disk size). Everything public is re-exported here.
 """
 
-from .codec import compact_state_dict, decode_checkpoint, expand_compact_entries
+from .codec import compact_state_dict
 from .format import (
     FORMAT_VERSION,
     LAYOUT_COMPACT,
@@ -44,7 +44,7 @@ from .format import (
     unpack_mask,
 )
 from .hub import push_pad_to_hub
-from .load import load_pad_checkpoint, read_checkpoint_files, resolve_checkpoint_files
+from .load import load_pad_checkpoint, read_checkpoint_metadata, resolve_checkpoint_files
 from .save import SavedCheckpoint, save_checkpoint_files, save_pad_pretrained
 from .size import checkpoint_file_bytes, theoretical_checkpoint_size
 from .validate import PADCheckpointError, check_metadata
@@ -66,13 +66,11 @@ __all__ = [
     "checkpoint_file_bytes",
     "checkpoint_layout",
     "compact_state_dict",
-    "decode_checkpoint",
-    "expand_compact_entries",
     "load_pad_checkpoint",
     "pack_mask",
     "pad_linear_modules",
     "push_pad_to_hub",
-    "read_checkpoint_files",
+    "read_checkpoint_metadata",
     "resolve_checkpoint_files",
     "save_checkpoint_files",
     "save_pad_pretrained",

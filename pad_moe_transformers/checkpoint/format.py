@@ -9,10 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from ..pad_linear import SCALE_FACTOR_NAMES, PADExpertLinear
+from ..core.compact import pack_mask, packed_mask_bytes, popcount, unpack_mask  # noqa: F401
+from ..core.registry import named_pad_linears
+from ..core.scale_factors import SCALE_FACTOR_NAMES
+from ..pad_linear import PADExpertLinear
+
+# pack_mask, packed_mask_bytes, popcount, unpack_mask: the mask packing lives in core.compact, re-exported here.
 
 FORMAT_VERSION = 1
 """Version of the compact checkpoint format written by this package (readers accept 1..FORMAT_VERSION)."""
@@ -34,7 +38,6 @@ RAW_SUFFIXES = ("expert_weight", "static_weight", "mask")
 COMPACT_SUFFIXES = ("mask_packed", "static_values", "expert_values")
 # Scale factors of a PAD linear: `(1,)` parameters in the model (FSDP refuses 0-d ones), 0-d in the files.
 SCALE_SUFFIXES = SCALE_FACTOR_NAMES
-_BIT_WEIGHTS = [1 << i for i in range(8)]  # bit i of a byte <-> element 8*byte + i (LSB first)
 
 
 # --------------------------------------------------------------------------------------------- file names
@@ -50,55 +53,10 @@ def weights_stem(weights_name: str) -> str:
     return weights_name[: -len(".safetensors")]
 
 
-# --------------------------------------------------------------------------------------------- masks
-def pack_mask(mask: Tensor) -> Tensor:
-    """Bit-pack a boolean mask: row-major order, 8 entries per byte, entry ``8 * b + i`` in bit ``i``
-    (LSB first) of byte ``b``, unused bits of the last byte zero. Same as
-    ``numpy.packbits(mask.ravel(), bitorder="little")``."""
-    flat = mask.detach().reshape(-1).to(device="cpu", dtype=torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32)
-    return (flat.view(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
-
-
-def packed_mask_bytes(numel: int) -> int:
-    """Length of the packed form of a mask of `numel` entries: ``ceil(numel / 8)``."""
-    return (numel + 7) // 8
-
-
-def _bits(packed: Tensor) -> Tensor:
-    """Every bit of the packed bytes, as a flat int32 tensor of 0/1 in entry order (padding bits included)."""
-    shifts = torch.arange(8, dtype=torch.int32)
-    return ((packed.reshape(-1).to(torch.int32).unsqueeze(1) >> shifts) & 1).reshape(-1)
-
-
-def unpack_mask(packed: Tensor, numel: int) -> Tensor:
-    """Inverse of `pack_mask`: a flat bool tensor of `numel` entries."""
-    return _bits(packed)[:numel].bool()
-
-
-def popcount(packed: Tensor) -> int:
-    """Number of set bits of a packed mask (padding bits included)."""
-    return int(_bits(packed).sum())
-
-
 # --------------------------------------------------------------------------------------------- model side
-# Module names that wrappers insert into `named_modules()` but not into the (full) state dict keys.
-_WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
 def pad_linear_modules(model: nn.Module) -> dict[str, PADExpertLinear]:
-    """`{state-dict prefix (ending in '.'): PADExpertLinear}` of every PAD linear of `model` (the prefixes
-    are those of a full state dict, also when FSDP or activation checkpointing wrapped some layers)."""
-    linears = {}
-    for name, module in model.named_modules():
-        if isinstance(module, PADExpertLinear):
-            for wrapper in _WRAPPER_NAMES:
-                name = name.replace(wrapper, "")
-            linears[f"{name}."] = module
-    return linears
+    """`{state-dict prefix (ending in '.'): PADExpertLinear}` of every PAD linear (`core.named_pad_linears`)."""
+    return {ref.name + ".": ref.module for ref in named_pad_linears(model)}
 
 
 def pad_prefix_of(key: str, linears: Mapping[str, Any]) -> str | None:

@@ -1,0 +1,52 @@
+"""Router decisions travel from the MoE layers to the model through a context-local record, not module state.
+
+The family's own layer code calls the FFN with the hidden states only, so a MoE layer cannot return its
+routing decision to the model through its return value. Instead the PAD model opens a record around its
+forward (`recording_routing()`), and each MoE layer appends its decision to the record of the current
+context (`record_routing`). The record is a `ContextVar` (Transformers' `CompileableContextVar`, as its
+own output capturing uses), so:
+
+- two threads running the same model have separate records;
+- a layer recomputed by gradient checkpointing during backward runs outside any record and appends
+  nothing (each call is counted once);
+- nothing is left on a module after a forward, whether it returned or raised (deepcopy, pickling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.utils.output_capturing import CompileableContextVar
+
+from .router import RoutingDecision
+
+_active_record = CompileableContextVar("pad_moe_routing_record")
+
+
+@dataclass
+class RoutingRecord:
+    """One call of one MoE layer."""
+
+    layer: nn.Module
+    decision: RoutingDecision
+
+
+@contextlib.contextmanager
+def recording_routing() -> Iterator[list[RoutingRecord]]:
+    """Collect the routing decisions of the MoE layers called inside the block, in call order."""
+    records: list[RoutingRecord] = []
+    token = _active_record.set(records)
+    try:
+        yield records
+    finally:
+        _active_record.reset(token)
+
+
+def record_routing(layer: nn.Module, decision: RoutingDecision) -> None:
+    """Append `decision` to the active record, if any (none outside a PAD model's forward, e.g. on recompute)."""
+    records = _active_record.get()
+    if records is not None:
+        records.append(RoutingRecord(layer, decision))
