@@ -42,6 +42,8 @@ from torch import Tensor, nn
 from transformers.utils import logging
 
 from .architectures import get_layout, get_submodule_parent, iter_layers
+from .core import PADLinearRef, named_pad_linears
+from .modeling_pad_moe import PADMoEPreTrainedModel
 from .moe import PADMoEFeedForward
 from .pad_linear import PADExpertLinear
 
@@ -95,13 +97,12 @@ class RunningMoments:
 def expert_gram(linear: PADExpertLinear) -> Tensor:
     """`G_ab = <D_a, D_b>` over the weight entries, `D_e = W_eff_e - mean_e W_eff_e` (eq. 4 weights), float64 `(E, E)`.
 
-    Static entries (``M = 0``) are equal in every expert and contribute nothing, so only the dynamic
-    entries are read: ``D_e = l_d * (W_e - mean_e W_e)`` there.
+    The effective weights come from `PADExpertLinear.effective_weight` (eq. 4). Static entries (``M = 0``)
+    are equal in every expert and contribute nothing, so only the dynamic entries enter the sum.
     """
     with torch.no_grad():
-        _, l_d = linear.scale_factors()
-        dynamic = linear.expert_weight[:, linear.mask].to(torch.float64)  # (E, nnz)
-        dynamic = float(l_d) * (dynamic - dynamic.mean(dim=0, keepdim=True))
+        dynamic = linear.effective_weight()[:, linear.mask].to(torch.float64)  # (E, nnz)
+        dynamic = dynamic - dynamic.mean(dim=0, keepdim=True)
         return (dynamic @ dynamic.T).cpu()
 
 
@@ -146,19 +147,26 @@ class DynamicProperty:
 class _LayerProbe:
     """Collects one layer's gate covariance and output moments from forward hooks."""
 
-    def __init__(self, index: int, moe: PADMoEFeedForward | None, hidden: int, context: dict) -> None:
+    def __init__(
+        self, index: int, moe: PADMoEFeedForward | None, linears: list[PADExpertLinear], hidden: int, context: dict
+    ) -> None:
         self.index = index
         self.moe = moe
+        self.linears = linears
         self.context = context
         self.outputs = RunningMoments(hidden)
         self.gates = RunningMoments(moe.num_experts, full=True) if moe is not None else None
 
-    def _group(self, values: Tensor, routed: bool) -> Tensor:
-        """Rows of `values` (one per token, or per real token when `routed`) -> rows per unit."""
+    def _group(self, values: Tensor) -> Tensor:
+        """Rows of `values` (one per token, padding included, or one per real token) -> rows per unit."""
         mask: Tensor = self.context["mask"].to(values.device)  # (B, S) bool
-        if not routed:
-            values = values.reshape(mask.numel(), -1)
+        if values.shape[0] == mask.numel():
             values = values[mask.reshape(-1)] if not mask.all() else values
+        elif values.shape[0] != int(mask.sum()):
+            raise RuntimeError(
+                f"dynamic_property: a layer produced {values.shape[0]} rows for a batch of {mask.numel()} tokens "
+                f"({int(mask.sum())} real); expected one row per token or per real token."
+            )
         if self.context["unit"] == "token":
             return values
         sample_of_token = mask.reshape(-1).nonzero(as_tuple=True)[0] // mask.shape[1]
@@ -167,19 +175,18 @@ class _LayerProbe:
         return (sums / counts)[mask.any(dim=1)]
 
     def on_output(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        self.outputs.update(self._group(output.detach().float(), routed=False))
+        self.outputs.update(self._group(output.detach().float().reshape(-1, output.shape[-1])))
 
     def on_router(self, module: nn.Module, args: Any, decision: Any) -> None:
         gates = decision.gates.detach().to(torch.float64)
         gates = gates / gates.sum(dim=-1, keepdim=True)
         pi = gates.new_zeros(gates.shape[0], module.num_experts).scatter_(1, decision.experts, gates)
-        # The MoE layer routes the real tokens only (all tokens when there is no padding), in order.
-        self.gates.update(self._group(pi, routed=True))
+        self.gates.update(self._group(pi))
 
     def result(self) -> LayerDynamics:
         if self.moe is None:
             return LayerDynamics(self.index, False, 0.0, float(self.outputs.variance().mean()), 0.0, self.outputs.count)
-        linears = list(self.moe.pad_linears().values())
+        linears = self.linears
         ratio = sum(lin.num_dynamic() for lin in linears) / sum(lin.mask.numel() for lin in linears)
         return LayerDynamics(
             self.index,
@@ -193,8 +200,6 @@ class _LayerProbe:
 
 def _ffn_modules(model: nn.Module) -> list[tuple[nn.Module, PADMoEFeedForward | None, int]]:
     """Per distinct transformer layer: (module whose output is the FFN output, its MoE layer or None, hidden size)."""
-    from .modeling_pad_moe import PADMoEPreTrainedModel
-
     if isinstance(model, PADMoEPreTrainedModel):
         base, model_type = model.model.base_model, model.config.base_model_type
     elif hasattr(model, "base_model") and hasattr(model, "config"):
@@ -213,6 +218,14 @@ def _ffn_modules(model: nn.Module) -> list[tuple[nn.Module, PADMoEFeedForward | 
             ffn_out = getattr(out_parent, out_name)
             found.append((ffn_out, None, ffn_out.out_features))
     return found
+
+
+def _linears_inside(moe: nn.Module | None, refs: list[PADLinearRef]) -> list[PADExpertLinear]:
+    """The PAD linears (of `named_pad_linears`) that belong to the MoE layer `moe`."""
+    if moe is None:
+        return []
+    inside = {id(module) for module in moe.modules()}
+    return [ref.module for ref in refs if id(ref.module) in inside]
 
 
 @contextlib.contextmanager
@@ -258,7 +271,10 @@ def dynamic_property(
         raise ValueError("dynamic_property needs at least one batch of inputs.")
     context: dict[str, Any] = {"unit": unit}
     ffn = _ffn_modules(model)
-    probes = [_LayerProbe(i, moe, hidden, context) for i, (_, moe, hidden) in enumerate(ffn)]
+    refs = named_pad_linears(model)
+    probes = [
+        _LayerProbe(i, moe, _linears_inside(moe, refs), hidden, context) for i, (_, moe, hidden) in enumerate(ffn)
+    ]
     device = next(model.parameters()).device
     keep = ("input_ids", "attention_mask", "token_type_ids")
     was_training = model.training

@@ -27,6 +27,7 @@ it matches the loaded masks), so the final save is complete.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -37,9 +38,11 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
-from .partition import DEFAULT_ROUNDS, DEFAULT_SCORE, DEFAULT_WARMUP_LR, PARTITION_METHODS, SCOPES, SCORES
-from .partition import PartitionResult, pad_linears, partition_model
+from .partition import DEFAULT_NUM_BATCHES, DEFAULT_ROUNDS, DEFAULT_SCORE, DEFAULT_WARMUP_LR
+from .partition import PartitionResult, partition_model, verify_partition_metadata
 from .partition._common import check_model, check_not_sharded
+from .partition.options import check_options
+from .partition.units import current_masks
 
 logger = logging.get_logger(__name__)
 
@@ -60,13 +63,15 @@ class IMPTrainerCallback(TrainerCallback, ExportableState):
         warmup_steps, warmup_lr: the expert warm-up of ``"warmup_grad"`` (default one step per batch).
         progress: show a tqdm bar (also off when `TrainingArguments.disable_tqdm`).
 
+    The arguments are validated as `partition_model` validates them (a `ValueError` names the argument);
+    NumPy scalars are accepted and stored as plain Python numbers, so the metadata stays JSON-safe.
     After training begins, `self.result` holds the `PartitionResult` (None if it did nothing).
     """
 
     def __init__(
         self,
         dynamic_ratio: float = 0.5,
-        num_batches: int = 10,
+        num_batches: int = DEFAULT_NUM_BATCHES,
         rounds: int = DEFAULT_ROUNDS,
         method: str = "imp",
         *,
@@ -77,25 +82,22 @@ class IMPTrainerCallback(TrainerCallback, ExportableState):
         warmup_lr: float = DEFAULT_WARMUP_LR,
         progress: bool = True,
     ) -> None:
-        if not 0.0 < dynamic_ratio <= 1.0:
-            raise ValueError(f"dynamic_ratio must be in (0, 1], got {dynamic_ratio}.")
-        if num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1 (the paper uses 10), got {num_batches}.")
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}.")
-        for name, value, allowed in (("method", method, PARTITION_METHODS), ("scope", scope, SCOPES), ("score", score, SCORES)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}.")
-        self.dynamic_ratio = dynamic_ratio
-        self.num_batches = num_batches
-        self.rounds = rounds
-        self.method = method
-        self.scope = scope
-        self.score = score
-        self.seed = seed
-        self.warmup_steps = warmup_steps
-        self.warmup_lr = warmup_lr
-        self.progress = progress
+        if dynamic_ratio is None:
+            raise ValueError("dynamic_ratio must be a real number in (0, 1], got None.")
+        options = check_options(
+            method=method, dynamic_ratio=dynamic_ratio, num_batches=num_batches, rounds=rounds, scope=scope,
+            score=score, seed=seed, warmup_steps=warmup_steps, warmup_lr=warmup_lr, progress=progress,
+        )
+        self.dynamic_ratio: float = options["dynamic_ratio"]
+        self.num_batches: int = options["num_batches"]
+        self.rounds: int = options["rounds"]
+        self.method: str = options["method"]
+        self.scope: str = options["scope"]
+        self.score: str = options["score"]
+        self.seed: int | None = options["seed"]
+        self.warmup_steps: int | None = options["warmup_steps"]
+        self.warmup_lr: float = options["warmup_lr"]
+        self.progress: bool = options["progress"]
         self.result: PartitionResult | None = None
         # `config.partition` of the model being trained; saved in checkpoints (see `state`).
         self.partition_metadata: dict | None = None
@@ -165,6 +167,7 @@ class IMPTrainerCallback(TrainerCallback, ExportableState):
             self.result = partition_model(
                 pad_model,
                 batches,
+                num_batches=len(batches),
                 method=self.method,
                 dynamic_ratio=self.dynamic_ratio,
                 rounds=self.rounds,
@@ -189,32 +192,33 @@ class IMPTrainerCallback(TrainerCallback, ExportableState):
 
     def _restore_metadata(self, model: Any, state: TrainerState) -> None:
         """Resumed run: put the partition metadata saved in the checkpoint's trainer state back into
-        `model.config.partition`, if it describes the masks the model holds (achieved ratios)."""
+        `model.config.partition`, if it describes the masks the model holds (`verify_partition_metadata`)."""
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):  # several callbacks of this class: the last saved state
             saved = saved[-1] if saved else None
         metadata = ((saved or {}).get("attributes") or {}).get("partition_metadata")
         if not metadata:
             return
-        linears = pad_linears(model)
-        recorded = metadata.get("achieved_dynamic_ratio") or {}
-        current = {name: linear.dynamic_ratio() for name, linear in linears.items()}
-        if set(recorded) != set(current) or any(abs(recorded[n] - current[n]) > 1e-12 for n in current):
-            logger.warning(
-                "IMPTrainerCallback: the partition metadata in the checkpoint's trainer state does not match the "
-                "model's masks; config.partition is left unset."
-            )
-            return
+        dynamic_ratio = model.config.dynamic_ratio
         model.config.partition = dict(metadata)
         if metadata.get("target_dynamic_ratio") is not None:
             model.config.dynamic_ratio = float(metadata["target_dynamic_ratio"])
+        try:
+            verify_partition_metadata(model)
+        except ValueError as error:
+            model.config.partition, model.config.dynamic_ratio = None, dynamic_ratio
+            logger.warning(
+                "IMPTrainerCallback: the partition metadata in the checkpoint's trainer state does not match the "
+                f"model's masks; config.partition is left unset. ({error})"
+            )
+            return
         logger.info("IMPTrainerCallback: restored config.partition from the checkpoint's trainer state.")
 
 
 def _skip_reason(model: Any, state: TrainerState) -> str | None:
     if model.config.is_partitioned:
         return f"the model is already partitioned (config.partition: method={model.config.partition.get('method')!r})"
-    if any(not bool(linear.mask.all()) for linear in pad_linears(model).values()):
+    if any(not bool(mask.all()) for mask in current_masks(model).values()):
         return "its masks already have static entries (a partitioned checkpoint was loaded)"
     if state.global_step > 0:
         return f"the run resumes at step {state.global_step}"
@@ -222,21 +226,16 @@ def _skip_reason(model: Any, state: TrainerState) -> str | None:
 
 
 def take_batches(dataloader: Any, num_batches: int) -> list[Any]:
-    """The first `num_batches` batches of `dataloader` (fewer if it is shorter).
+    """The first `num_batches` batches of `dataloader` (fewer if it is shorter), read with `itertools.islice`.
 
     The iterator is closed early; an Accelerate dataloader is also unregistered from the gradient
     state (`end()`), as a complete pass would do.
     """
     iterator = iter(dataloader)
-    batches: list[Any] = []
     exhausted = False
     try:
-        while len(batches) < num_batches:
-            try:
-                batches.append(next(iterator))
-            except StopIteration:
-                exhausted = True
-                break
+        batches = list(itertools.islice(iterator, num_batches))
+        exhausted = len(batches) < num_batches
     finally:
         close = getattr(iterator, "close", None)
         if callable(close):

@@ -28,20 +28,20 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .pad_linear import PADExpertLinear
+from .core import named_pad_linears
+from .pad_linear import SCALE_FACTOR_NAMES
 from .router import TopKRouter
 
 
 def _scale_and_router_parameters(model: nn.Module) -> tuple[set[int], set[int]]:
-    scale_ids, router_ids = set(), set()
-    for module in model.modules():
-        if isinstance(module, PADExpertLinear):
-            for name in ("scale_logit", "lambda_static", "lambda_dynamic"):
-                parameter = getattr(module, name, None)
-                if isinstance(parameter, nn.Parameter):
-                    scale_ids.add(id(parameter))
-        elif isinstance(module, TopKRouter):
-            router_ids.update(id(p) for p in module.parameters())
+    """Ids of the scale-factor parameters of every PAD linear, and of every router parameter."""
+    scale_ids = {
+        id(parameter)
+        for ref in named_pad_linears(model)
+        for parameter in (getattr(ref.module, name, None) for name in SCALE_FACTOR_NAMES)
+        if isinstance(parameter, nn.Parameter)
+    }
+    router_ids = {id(p) for module in model.modules() if isinstance(module, TopKRouter) for p in module.parameters()}
     return scale_ids, router_ids
 
 

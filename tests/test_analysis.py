@@ -11,9 +11,10 @@ from transformers import BertForSequenceClassification
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.analysis import RunningMoments, dynamic_property, expert_gram
-from pad_moe_transformers.partition import pad_linears, perturb_experts
+from pad_moe_transformers.partition import perturb_experts
 
 from conftest import random_batch, tiny_base_configs
+from test_partition import pad_linears
 
 
 def _pad_model(granularity: str = "element", perturb: float = 0.1) -> tuple:
@@ -46,13 +47,15 @@ def _brute_force(model, batch, unit: str) -> list[tuple[float, float]]:
         decision = records[("r", i)]
         pi = torch.zeros(decision.gates.shape[0], moe.num_experts, dtype=torch.float64)
         pi.scatter_(1, decision.experts, decision.gates.double())
+        if pi.shape[0] == flat.numel():  # the router saw every token, padding included
+            pi = pi[flat]
         y = records[("y", i)].reshape(flat.numel(), -1)[flat].double()
         if unit == "sample":
             pi = torch.stack([pi[sample == s].mean(0) for s in range(mask.shape[0])])
             y = torch.stack([y[sample == s].mean(0) for s in range(mask.shape[0])])
         total = numel = 0
         for linear in (moe.fc_in, moe.fc_out):
-            weights = linear.merged_weights().double()  # (E, out, in), eq. 4
+            weights = linear.effective_weight().detach().double()  # (E, out, in), eq. 4
             theta = torch.einsum("ue,eoi->uoi", pi, weights)  # every unit's computed weights
             total += theta.var(dim=0, unbiased=False).sum().item()
             numel += weights[0].numel()

@@ -11,8 +11,8 @@ from transformers import Trainer, TrainerControl, TrainerState, TrainingArgument
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.callbacks import take_batches
-from pad_moe_transformers.partition import apply_partition, pad_linears, partition_model
-from test_partition import _tiny_model
+from pad_moe_transformers.partition import apply_partition, partition_model
+from test_partition import _tiny_model, pad_linears
 
 
 class _PairDataset(Dataset):

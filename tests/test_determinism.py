@@ -15,9 +15,8 @@ import torch
 from transformers import Trainer
 
 import pad_moe_transformers as pmt
-from pad_moe_transformers.partition import pad_linears
 from test_callback import _args, _PairDataset
-from test_partition import _tiny_model
+from test_partition import _tiny_model, pad_linears
 
 
 def first_epoch(output_dir, seed: int = 0) -> dict:

@@ -17,14 +17,17 @@ from pad_moe_transformers.partition import (
     mask_gradients,
     neuron_mask_gradients,
     neuron_sums,
-    pad_layers,
-    pad_linears,
     partition_loss,
     partition_model,
 )
-from test_partition import _batches, _tiny_model
+from test_partition import _batches, _tiny_model, pad_linears
 
 INTER = 31  # kappa * 31 is never an integer for the ratios below: the rounding is exercised
+
+
+def pad_layers(model) -> dict:
+    """The MoE layers by the names neuron results and metadata use (``"layer.{i}"``)."""
+    return {f"layer.{index}": moe for index, moe in model.named_pad_layers()}
 
 
 def _neuron_model(seed: int = 0, inter: int = INTER, **kwargs):

@@ -12,9 +12,8 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainerCal
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers import callbacks as callbacks_module
-from pad_moe_transformers.partition import pad_linears
 from test_callback import _args, _PairDataset
-from test_partition import _tiny_model
+from test_partition import _tiny_model, pad_linears
 
 MAX_STEPS, SAVE_STEPS, CRASH_AT = 8, 4, 6  # 6 batches per epoch: the resumed part crosses an epoch boundary
 

@@ -1,38 +1,35 @@
-"""Shared helpers of the partition code: PAD linears by name, batches, the task loss, DDP collectives."""
+"""Shared helpers of the partition code: the model check, the task loss, scoring mode, DDP collectives.
+
+The partition code knows a PAD model by its config (`PADMoEConfig`) and its PAD linears
+(`core.named_pad_linears`); it does not import the modeling module, so the checkpoint loader can use
+`partition.metadata` without an import cycle.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..modeling_pad_moe import PADMoEPreTrainedModel
-from ..moe import PADMoEFeedForward
-from ..pad_linear import PADExpertLinear
-
-Batch = Mapping[str, Any]
-"""One mini-batch as the model's forward takes it (`input_ids`, `attention_mask`, `labels`, ...)."""
-
-_LABEL_KEYS = ("labels", "start_positions")
-
-GRANULARITIES = ("element", "neuron")
-"""What one mask decision covers: one weight element, or one FFN intermediate neuron (a row of fc_in and
-the matching column of fc_out, plus its fc_in bias)."""
+from ..configuration_pad_moe import PADMoEConfig
+from ..core import named_pad_linears
+from .batches import Batch, to_device
+from .options import GRANULARITIES
 
 
-def partition_granularity(model: PADMoEPreTrainedModel) -> str:
+def partition_granularity(model: nn.Module) -> str:
     return getattr(model.config, "partition_granularity", "element")
 
 
-def check_model(model: Any) -> PADMoEPreTrainedModel:
+def check_model(model: Any) -> nn.Module:
     """Return `model` (or the PAD model it wraps, e.g. under DDP) or raise a `TypeError` saying what to pass."""
     for candidate in (model, getattr(model, "module", None)):
-        if isinstance(candidate, PADMoEPreTrainedModel):
+        if isinstance(getattr(candidate, "config", None), PADMoEConfig) and named_pad_linears(candidate):
             granularity = partition_granularity(candidate)
             if granularity not in GRANULARITIES:
                 raise ValueError(
@@ -78,44 +75,15 @@ def check_not_sharded(model: Any) -> None:
         )
 
 
-def pad_linears(model: PADMoEPreTrainedModel) -> dict[str, PADExpertLinear]:
-    """All partitioned linears of the model in order, named ``"layer.{i}.fc_in"`` / ``"layer.{i}.fc_out"``."""
-    return {
-        f"layer.{index}.{name}": linear
-        for index, moe in model.named_pad_layers()
-        for name, linear in moe.pad_linears().items()
-    }
-
-
-def pad_layers(model: PADMoEPreTrainedModel) -> dict[str, PADMoEFeedForward]:
-    """All PAD-MoE layers of the model in order, named ``"layer.{i}"`` (the prefix of their linears' names)."""
-    return {f"layer.{index}": moe for index, moe in model.named_pad_layers()}
-
-
-def neuron_masks(model: PADMoEPreTrainedModel) -> dict[str, Tensor]:
-    """The current `(I,)` bool neuron masks by layer name (True = dynamic); raises if a mask is not structured."""
-    return {name: moe.neuron_mask().clone() for name, moe in pad_layers(model).items()}
-
-
-def linear_masks_of_neurons(model: PADMoEPreTrainedModel, neurons: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Expand `{layer name: (I,) bool}` to the `(out, in)` masks of its linears (fc_in rows, fc_out columns)."""
-    masks = {}
-    for name, moe in pad_layers(model).items():
-        n = neurons[name].to(device=moe.fc_in.mask.device, dtype=torch.bool)
-        masks[f"{name}.fc_in"] = n.unsqueeze(1).expand_as(moe.fc_in.mask).clone()
-        masks[f"{name}.fc_out"] = n.unsqueeze(0).expand_as(moe.fc_out.mask).clone()
-    return masks
-
-
 @contextlib.contextmanager
-def element_path(model: PADMoEPreTrainedModel) -> Iterator[None]:
+def element_path(model: nn.Module) -> Iterator[None]:
     """Run every MoE layer through the generic eq. 4 path while active (restored on exit).
 
     The neuron fast path reads the binary mask only, so the float relaxation of eq. 7
     (`PADExpertLinear.soft_mask`) would have no effect there. For neuron-structured binary masks both
     paths compute the same function; for element models this is a no-op.
     """
-    layers = list(pad_layers(model).values())
+    layers = [moe for _, moe in model.named_pad_layers()]
     before = [moe.partition_granularity for moe in layers]
     try:
         for moe in layers:
@@ -126,62 +94,14 @@ def element_path(model: PADMoEPreTrainedModel) -> Iterator[None]:
             moe.partition_granularity = granularity
 
 
-ZERO_BATCHES_MESSAGE = (
-    "Mode partition got zero batches. Pass at least one labelled mini-batch of training data "
-    "(the paper uses 10), e.g. the first batches of the training dataloader."
-)
-
-
-def batch_list(batches: Iterable[Batch]) -> list[Batch]:
-    """`list(batches)`, refusing the two easy mistakes: `None` and one batch (a mapping) instead of a list of them."""
-    if batches is None:
-        raise ValueError(f"batches is None. {ZERO_BATCHES_MESSAGE}")
-    if isinstance(batches, Mapping):
-        raise ValueError(
-            f"batches is a single batch (a {type(batches).__name__} with keys {sorted(batches)}); pass a list of "
-            "batches, e.g. `[batch]`."
-        )
-    return list(batches)
-
-
-def materialize_batches(batches: Iterable[Batch]) -> list[Batch]:
-    """Turn `batches` into a list and check that it is usable for scoring (non-empty, labelled, not all padding)."""
-    batches = batch_list(batches)
-    if not batches:
-        raise ValueError(ZERO_BATCHES_MESSAGE)
-    for index, batch in enumerate(batches):
-        if not isinstance(batch, Mapping):
-            raise ValueError(
-                f"Partition batch {index} is a {type(batch).__name__}; each batch must be a mapping of model "
-                "inputs (as a Trainer / DataCollator produces), e.g. {'input_ids': ..., 'labels': ...}."
-            )
-        if not any(batch.get(key) is not None for key in _LABEL_KEYS):
-            raise ValueError(
-                f"Partition batch {index} has no labels (keys: {sorted(batch)}). The scores are derivatives "
-                "of the task loss, so every batch needs 'labels' (or 'start_positions'/'end_positions' for QA); "
-                "make sure the dataset keeps its label column."
-            )
-        attention_mask = batch.get("attention_mask")
-        if isinstance(attention_mask, Tensor) and attention_mask.numel() and not bool(attention_mask.any()):
-            raise ValueError(
-                f"Partition batch {index} is all padding (its attention_mask is all 0): no token reaches the MoE "
-                "layers, so it carries no score. Check the collator / tokenizer output, or drop empty examples."
-            )
-    return batches
-
-
-def to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-
-
-def task_loss(model: PADMoEPreTrainedModel, batch: Batch, *, index: int = 0) -> Tensor:
+def task_loss(model: nn.Module, batch: Batch, *, index: int = 0) -> Tensor:
     """The task loss of one batch (the model loss without the router auxiliary terms), a 0-d tensor.
 
     The router losses do not belong to eq. 5 (the paper's L is the task loss), so their weighted
     values are subtracted again. Raises a `ValueError` for a non-finite loss.
     """
     device = next(model.parameters()).device
-    out = model(**to_device(batch, device))
+    out = model(**{"return_dict": True, **to_device(batch, device)})
     if out.loss is None:
         raise ValueError(f"Partition batch {index}: the model returned no loss; pass batches with labels.")
     loss = out.loss - model.config.router_aux_loss_coef * out.aux_loss.to(out.loss.dtype)
@@ -195,7 +115,7 @@ def task_loss(model: PADMoEPreTrainedModel, batch: Batch, *, index: int = 0) -> 
     return loss
 
 
-def _non_finite_source(model: PADMoEPreTrainedModel, batch: Batch) -> str:
+def _non_finite_source(model: nn.Module, batch: Batch) -> str:
     """Where a NaN/inf comes from: a batch entry, a model weight, or neither (an overflow in the forward)."""
     bad_inputs = [
         key for key, value in batch.items()
@@ -213,7 +133,7 @@ def _non_finite_source(model: PADMoEPreTrainedModel, batch: Batch) -> str:
 
 
 @contextlib.contextmanager
-def scoring_mode(model: PADMoEPreTrainedModel) -> Iterator[None]:
+def scoring_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout, no router jitter: deterministic scores) with autograd on; restores the mode."""
     was_training = model.training
     model.eval()

@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import nn
 
-from ..modeling_pad_moe import PADMoEPreTrainedModel
-from ._common import Batch, check_model, materialize_batches, task_loss
+from ._common import check_model, task_loss
+from .batches import Batch, check_batches
 
 
-def partition_loss(model: PADMoEPreTrainedModel, batches: Iterable[Batch]) -> float:
+def partition_loss(model: nn.Module, batches: Iterable[Batch]) -> float:
     """Mean task loss (router terms excluded) over `batches`, in eval mode and without autograd."""
     model = check_model(model)
-    batches = materialize_batches(batches)
+    batches = check_batches(batches)
     was_training = model.training
     model.eval()
     try:

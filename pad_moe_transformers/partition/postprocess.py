@@ -2,68 +2,71 @@
 
 Post-processing (paper Fig. 2): each expert's entries with ``M = 0`` and the static entries with
 ``M = 1`` are never used by eq. 4, so they are set to zero. They stay zero in training without any
-hook: eq. 4 gives them exactly zero gradient (``torch.where`` in `PADExpertLinear`), so Adam/AdamW
+hook: eq. 4 (`PADExpertLinear.effective_weight`) gives them exactly zero gradient, so Adam/AdamW
 (fresh state, decoupled weight decay) leave them at zero. The mask is a persistent buffer, hence saved
-with the model; the metadata goes to ``model.config.partition`` (saved in ``config.json``).
+with the model; the metadata goes to ``model.config.partition`` (saved in ``config.json``) and is
+checked against the masks (`metadata.verify_partition_metadata`) before `apply_partition` returns.
 
-With ``partition_granularity="neuron"`` the masks must be neuron-structured and are written with
-`PADMoEFeedForward.set_neuron_mask`. The fc_in bias then follows the neuron too: a static neuron
-reads the shared ``static_bias``, a dynamic neuron its experts' ``expert_bias``. So the fc_in
-``expert_bias`` entries of static neurons and the ``static_bias`` entries of dynamic neurons are
-unused as well, get exactly zero gradient (the neuron forward only indexes the used slices), and are
+With ``partition_granularity="neuron"`` the masks must be neuron-structured. The fc_in bias then
+follows the neuron too: a static neuron reads the shared ``static_bias``, a dynamic neuron its
+experts' ``expert_bias``. So the fc_in ``expert_bias`` entries of static neurons and the
+``static_bias`` entries of dynamic neurons are unused as well, get exactly zero gradient, and are
 zeroed. The metadata records the granularity and the dynamic neuron ratio per layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.utils import logging
 
-from ..modeling_pad_moe import PADMoEPreTrainedModel
 from ..pad_linear import PADExpertLinear
 from ._common import (
-    Batch,
     broadcast_masks,
     check_model,
     check_not_sharded,
     is_main_process,
-    pad_layers,
-    pad_linears,
     partition_granularity,
     round_count,
     world_size,
 )
+from .batches import Batch, check_batches
+from .metadata import check_partition_metadata, summarize_masks, verify_partition_metadata
+from .result import PartitionResult
 from .scores import expert_weight_gradients
-
-if TYPE_CHECKING:
-    from .algorithms import PartitionResult
+from .units import layer_linears, linears_by_name, neuron_masks_of
 
 logger = logging.get_logger(__name__)
 
 
 def apply_partition(
-    model: PADMoEPreTrainedModel, masks: dict[str, Tensor], metadata: dict[str, Any] | None = None
+    model: nn.Module, masks: dict[str, Tensor], metadata: dict[str, Any] | None = None
 ) -> dict[str, float]:
     """Set the masks, zero the unused expert/static entries and store the metadata in `config.partition`.
 
     Args:
-        masks: `{linear name: (out, in) bool}` for every PAD linear (names as in `pad_linears`), True = dynamic.
-            For a neuron-granularity model they must be neuron-structured (`linear_masks_of_neurons` builds
-            them from `{layer name: (I,)}`); the fc_in bias entries of the unused copy are zeroed too.
-        metadata: JSON-serialisable facts about how the masks were made (method, seed, ...); the granularity
-            and the achieved ratios (per linear, and per layer in neurons) are added. `config.dynamic_ratio`
-            is set to ``metadata["target_dynamic_ratio"]`` if given.
+        masks: `{linear name: (out, in) bool}` for every PAD linear (``"layer.{i}.fc_in"``, as
+            `PADLinearRef.short_name`), True = dynamic. For a neuron-granularity model they must be
+            neuron-structured (`linear_masks_of_neurons` builds them from `{layer name: (I,)}`); the fc_in
+            bias entries of the unused copy are zeroed too.
+        metadata: JSON-serialisable facts about how the masks were made (method, seed, ...); the facts of the
+            masks themselves (`metadata.summarize_masks`: granularity, achieved ratios per linear, and per
+            layer in neurons) are added. `config.dynamic_ratio` is set to ``metadata["target_dynamic_ratio"]``
+            if given.
 
     Returns:
         The achieved dynamic ratio per linear.
+
+    Raises:
+        ValueError: for masks of the wrong names, shapes or values, or metadata that contradicts them
+            (e.g. a ``target_dynamic_ratio`` the masks do not have); the model is then left unchanged.
     """
     check_not_sharded(model)
     model = check_model(model)
-    linears = pad_linears(model)
+    linears = linears_by_name(model)
     if set(masks) != set(linears):
         raise ValueError(
             f"Masks must be given for exactly the PAD linears {sorted(linears)}; missing "
@@ -78,61 +81,28 @@ def apply_partition(
                 "(True = dynamic). Threshold scores with `select_masks` instead of passing them as masks."
             )
     granularity = partition_granularity(model)
-    neurons = _neurons_of(model, masks) if granularity == "neuron" else None
+    masks = {name: masks[name].to(device=linear.mask.device, dtype=torch.bool) for name, linear in linears.items()}
+    meta = {**(metadata or {}), **summarize_masks(masks, granularity)}  # raises for unstructured neuron masks
+    target = meta.get("target_dynamic_ratio")
+    dynamic_ratio = float(target) if target is not None else getattr(model.config, "dynamic_ratio", None)
+    check_partition_metadata(meta, masks, granularity=granularity, dynamic_ratio=dynamic_ratio)
     with torch.no_grad():
-        if neurons is not None:
-            for name, moe in pad_layers(model).items():
-                moe.set_neuron_mask(neurons[name])
         for name, linear in linears.items():
-            mask = masks[name].to(device=linear.mask.device, dtype=torch.bool)
-            if neurons is None:
-                linear.mask.copy_(mask)  # neuron masks were written above, structured by construction
-            linear.expert_weight.masked_fill_(~mask, 0.0)  # (out, in) mask broadcast over the experts
-            linear.static_weight.masked_fill_(mask, 0.0)
-        if neurons is not None:
-            for name, moe in pad_layers(model).items():
-                dynamic = neurons[name].to(moe.fc_in.mask.device)
-                if moe.fc_in.expert_bias is not None:
-                    moe.fc_in.expert_bias.masked_fill_(~dynamic, 0.0)  # (I,) broadcast over the experts
-                if moe.fc_in.static_bias is not None:
-                    moe.fc_in.static_bias.masked_fill_(dynamic, 0.0)
-    ratios = {name: linear.dynamic_ratio() for name, linear in linears.items()}
-    meta = dict(metadata or {})
-    meta["granularity"] = granularity
-    meta["achieved_dynamic_ratio"] = ratios
-    meta["achieved_dynamic_ratio_total"] = _total_ratio(linears)
-    if neurons is not None:
-        meta["neuron_dynamic_ratio"] = {n: int(m.sum()) / m.numel() for n, m in neurons.items()}
-        meta["dynamic_neurons"] = {n: int(m.sum()) for n, m in neurons.items()}
-        meta["intermediate_size"] = {n: int(m.numel()) for n, m in neurons.items()}
-        meta["neuron_dynamic_ratio_total"] = sum(meta["dynamic_neurons"].values()) / sum(
-            meta["intermediate_size"].values()
-        )
+            linear.mask.copy_(masks[name])
+            linear.expert_weight.masked_fill_(~masks[name], 0.0)  # (out, in) mask broadcast over the experts
+            linear.static_weight.masked_fill_(masks[name], 0.0)
+        if granularity == "neuron":
+            neurons = neuron_masks_of(masks)
+            for name, (fc_in, _) in layer_linears(model).items():
+                if fc_in.expert_bias is not None:
+                    fc_in.expert_bias.masked_fill_(~neurons[name], 0.0)  # (I,) broadcast over the experts
+                if fc_in.static_bias is not None:
+                    fc_in.static_bias.masked_fill_(neurons[name], 0.0)
     model.config.partition = meta
-    if meta.get("target_dynamic_ratio") is not None:
-        model.config.dynamic_ratio = float(meta["target_dynamic_ratio"])
-    return ratios
-
-
-def _neurons_of(model: PADMoEPreTrainedModel, masks: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`{layer name: (I,) bool}` from neuron-structured linear masks; raises for any other mask."""
-    neurons = {}
-    for name in pad_layers(model):
-        m_in, m_out = masks[f"{name}.fc_in"].bool(), masks[f"{name}.fc_out"].bool().to(masks[f"{name}.fc_in"].device)
-        n = m_in.any(dim=1)
-        if not (torch.equal(m_in, n.unsqueeze(1).expand_as(m_in)) and torch.equal(m_out, n.unsqueeze(0).expand_as(m_out))):
-            raise ValueError(
-                f"The masks of {name} are not neuron-structured, but the model has partition_granularity='neuron': "
-                "each row of fc_in's mask and the matching column of fc_out's mask must be all True (dynamic "
-                "neuron) or all False (static neuron). Build them with `linear_masks_of_neurons`, or use "
-                "partition_model, which partitions whole neurons for such models."
-            )
-        neurons[name] = n
-    return neurons
-
-
-def _total_ratio(linears: dict[str, PADExpertLinear]) -> float:
-    return sum(lin.num_dynamic() for lin in linears.values()) / sum(lin.mask.numel() for lin in linears.values())
+    if target is not None:
+        model.config.dynamic_ratio = float(target)
+    verify_partition_metadata(model)
+    return dict(meta["achieved_dynamic_ratio"])
 
 
 def format_ratios(ratios: dict[str, float]) -> str:
@@ -141,14 +111,14 @@ def format_ratios(ratios: dict[str, float]) -> str:
 
 # ----------------------------------------------------------------------------------------- MoE-P
 def moe_p_prune(
-    model: PADMoEPreTrainedModel,
+    model: nn.Module,
     batches: Iterable[Batch],
     *,
     dynamic_ratio: float,
     scope: str = "linear",
     seed: int = 0,
     progress: bool = True,
-) -> "PartitionResult":
+) -> PartitionResult:
     """MoE-P (paper Table 5): SNIP-prune the expert weights of the plain MoE to PAD's parameter count.
 
     The model stays fully dynamic (``M = 1``, the static weight is unused and zeroed). Each linear
@@ -159,13 +129,11 @@ def moe_p_prune(
     (`"global"`). Pruned entries are zeroed and kept at zero by a gradient hook (re-attach it after
     loading with `attach_moe_p_constraints`).
     """
-    from .algorithms import PartitionResult  # circular at import time
-
     model = check_model(model)
-    linears = pad_linears(model)
+    linears = linears_by_name(model)
     if not all(bool(lin.mask.all()) for lin in linears.values()):
         raise ValueError("MoE-P prunes a plain (fully dynamic) MoE, but some masks already have static entries.")
-    batches = list(batches)
+    batches = check_batches(batches)
     bar = logging.tqdm(
         total=len(batches), desc="MoE-P (SNIP)", unit="batch", disable=not (progress and is_main_process())
     )
@@ -236,7 +204,7 @@ def _attach_hooks(linears: dict[str, PADExpertLinear], keeps: dict[str, Tensor])
         lin._moe_p_hook = lin.expert_weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype))
 
 
-def attach_moe_p_constraints(model: PADMoEPreTrainedModel) -> int:
+def attach_moe_p_constraints(model: nn.Module) -> int:
     """Re-attach the MoE-P gradient hooks after loading a MoE-P checkpoint (pruned = zero entries).
 
     Returns the number of linears constrained (0 if the model is not a MoE-P model).
@@ -244,6 +212,6 @@ def attach_moe_p_constraints(model: PADMoEPreTrainedModel) -> int:
     model = check_model(model)
     if not model.config.is_partitioned or model.config.partition.get("method") != "moe_p":
         return 0
-    linears = pad_linears(model)
+    linears = linears_by_name(model)
     _attach_hooks(linears, {n: lin.expert_weight.detach() != 0 for n, lin in linears.items()})
     return len(linears)

@@ -7,8 +7,8 @@ computational weight is ``W_eff_i = l_d*M*W_i + l_s*(1-M)*W_static``, so
     g = sum_i  dL/dW_eff_i  *  (l_d*W_i - l_s*W_static)                      (out, in)
 
 Right after upcycling every ``W_i`` equals ``W_static`` and ``l_s = l_d = 1``: ``g`` is exactly
-zero everywhere and every score ties (the "trap"). This module provides three ways out, compared
-in ``docs/partition.md``:
+zero everywhere and every score ties (the "trap"). Three ways out, compared in ``docs/partition.md``
+(the first two in `partition.warmup`):
 
 - `expert_warmup`: a few Adam steps of the expert weights of the fully dynamic MoE on the partition
   batches, so the experts diverge from the static copy; eq. 7 is then taken at the warmed-up point
@@ -32,22 +32,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..modeling_pad_moe import PADMoEPreTrainedModel
-from ._common import (
-    Batch,
-    all_reduce_sum,
-    check_model,
-    element_path,
-    materialize_batches,
-    pad_layers,
-    pad_linears,
-    requires_grad,
-    scoring_mode,
-    task_loss,
-    world_size,
-)
+from ..pad_linear import PADExpertLinear
+from ._common import all_reduce_sum, check_model, element_path, requires_grad, scoring_mode, task_loss
+from .batches import Batch, check_batches
+from .units import layer_linears, linears_by_name, neuron_masks
 
 
 def _accumulator(tensor: Tensor) -> Tensor:
@@ -56,13 +46,31 @@ def _accumulator(tensor: Tensor) -> Tensor:
     return torch.zeros(tensor.shape, dtype=dtype, device=tensor.device)
 
 
+def mask_direction(linear: PADExpertLinear) -> Tensor:
+    """``dW_eff/dM`` of eq. 4 for every expert, `(E, out, in)`, without autograd.
+
+    Eq. 4 is affine in ``M``, so the derivative is ``W_eff(M=1) - W_eff(M=0) = l_d*W_i - l_s*W_static``;
+    both ends are `PADExpertLinear.effective_weight` with the relaxed mask set to ones / zeros, which
+    multiply exactly (no rounding). It is exactly zero where the expert equals the scaled static weight.
+    """
+    saved = linear.soft_mask
+    try:
+        with torch.no_grad():
+            linear.soft_mask = torch.ones_like(linear.static_weight)
+            dynamic = linear.effective_weight()
+            linear.soft_mask = torch.zeros_like(linear.static_weight)
+            return dynamic - linear.effective_weight()
+    finally:
+        linear.soft_mask = saved
+
+
 @contextlib.contextmanager
-def soft_masks(model: PADMoEPreTrainedModel) -> Iterator[dict[str, Tensor]]:
+def soft_masks(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     """Relax every binary mask to a float leaf tensor that requires grad (eq. 7); yields them by linear name.
 
     While active, the PAD forward uses ``l_d*M*W_i + l_s*(1-M)*W_static`` with the float ``M``.
     """
-    linears = pad_linears(model)
+    linears = linears_by_name(model)
     relaxed = {}
     try:
         for name, linear in linears.items():
@@ -75,7 +83,7 @@ def soft_masks(model: PADMoEPreTrainedModel) -> Iterator[dict[str, Tensor]]:
 
 
 def _batch_gradients(
-    model: PADMoEPreTrainedModel, batches: list[Batch], inputs: list[Tensor], progress: Any | None
+    model: nn.Module, batches: list[Batch], inputs: list[Tensor], progress: Any | None
 ) -> Iterator[tuple[Tensor | None, ...]]:
     """Per batch, ``dL/d inputs`` of the task loss: one forward-backward with `torch.autograd.grad`
     (no parameter `.grad` is written); ticks `progress` once per batch."""
@@ -87,7 +95,7 @@ def _batch_gradients(
 
 
 def mask_gradients(
-    model: PADMoEPreTrainedModel, batches: Iterable[Batch], *, progress: Any | None = None
+    model: nn.Module, batches: Iterable[Batch], *, progress: Any | None = None
 ) -> dict[str, Tensor]:
     """Eq. 7: ``g = dL/dM`` at the current weights and masks, summed over `batches` (and over DDP ranks).
 
@@ -99,8 +107,8 @@ def mask_gradients(
         ``L(M) - L(M - t_j)`` of eq. 6 for a dynamic element ``j``.
     """
     model = check_model(model)
-    batches = materialize_batches(batches)
-    grads = {name: _accumulator(linear.mask) for name, linear in pad_linears(model).items()}
+    batches = check_batches(batches)
+    grads = {name: _accumulator(linear.mask) for name, linear in linears_by_name(model).items()}
     # The neuron fast path ignores the float relaxation; the generic path computes the same function.
     with scoring_mode(model), element_path(model), soft_masks(model) as relaxed:
         names = list(relaxed)
@@ -112,23 +120,23 @@ def mask_gradients(
     return grads
 
 
-def neuron_sums(model: PADMoEPreTrainedModel, element_scores: dict[str, Tensor]) -> dict[str, Tensor]:
+def neuron_sums(model: nn.Module, element_scores: dict[str, Tensor]) -> dict[str, Tensor]:
     """Sum `(out, in)` element scores per intermediate neuron: row ``j`` of fc_in plus column ``j`` of fc_out.
 
     Args:
-        element_scores: `{linear name: (out, in)}` as `pad_linears` names them.
+        element_scores: `{linear name: (out, in)}` (``"layer.{i}.fc_in"``, `PADLinearRef.short_name`).
 
     Returns:
-        `{layer name: (I,)}` (layer names as `pad_layers` gives them, e.g. ``"layer.0"``).
+        `{layer name: (I,)}` (``"layer.{i}"``, as `units.layer_linears` names them).
     """
     return {
         name: element_scores[f"{name}.fc_in"].sum(dim=1) + element_scores[f"{name}.fc_out"].sum(dim=0)
-        for name in pad_layers(model)
+        for name in layer_linears(model)
     }
 
 
 def neuron_mask_gradients(
-    model: PADMoEPreTrainedModel, batches: Iterable[Batch], *, progress: Any | None = None
+    model: nn.Module, batches: Iterable[Batch], *, progress: Any | None = None
 ) -> dict[str, Tensor]:
     """Eq. 7 for neuron-structured masks: ``dL/dm_j`` of each intermediate neuron, summed over `batches`.
 
@@ -142,15 +150,14 @@ def neuron_mask_gradients(
         `{layer name: (I,)}` signed (fp32 or wider). Entries of static neurons are meaningless (not candidates).
     """
     model = check_model(model)
-    batches = materialize_batches(batches)
-    layers = pad_layers(model)
+    batches = check_batches(batches)
+    fc_ins = {name: fc_in for name, (fc_in, _) in layer_linears(model).items()}
     # Only fc_in's bias is switched by the neuron mask (fc_out's output units are the hidden size).
-    biased = [n for n, moe in layers.items() if moe.fc_in.expert_bias is not None and moe.fc_in.static_bias is not None]
-    bias_params = [layers[n].fc_in.expert_bias for n in biased]
-    grads = {name: _accumulator(moe.fc_in.static_weight[:, 0]) for name, moe in layers.items()}
+    biased = [n for n, fc_in in fc_ins.items() if fc_in.expert_bias is not None and fc_in.static_bias is not None]
+    bias_params = [fc_ins[n].expert_bias for n in biased]
+    grads = {name: _accumulator(fc_in.static_weight[:, 0]) for name, fc_in in fc_ins.items()}
     dtype = next(iter(grads.values())).dtype if grads else torch.float32
-    for moe in layers.values():
-        moe.neuron_mask()  # raises for masks that are not neuron-structured
+    neuron_masks(model)  # raises for masks that are not neuron-structured
     with scoring_mode(model), element_path(model), soft_masks(model) as relaxed, requires_grad(bias_params):
         names = list(relaxed)
         for out in _batch_gradients(model, batches, [relaxed[n] for n in names] + bias_params, progress):
@@ -162,7 +169,7 @@ def neuron_mask_gradients(
                 grads[name] += g
             for name, g in zip(biased, out[len(names) :]):
                 if g is not None:
-                    fc_in = layers[name].fc_in
+                    fc_in = fc_ins[name]
                     diff = (fc_in.expert_bias.detach().to(dtype) - fc_in.static_bias.detach().to(dtype))
                     grads[name] += (g.to(dtype) * diff).sum(dim=0)
     all_reduce_sum(list(grads.values()))
@@ -170,15 +177,15 @@ def neuron_mask_gradients(
 
 
 def expert_weight_gradients(
-    model: PADMoEPreTrainedModel, batches: Iterable[Batch], *, progress: Any | None = None
+    model: nn.Module, batches: Iterable[Batch], *, progress: Any | None = None
 ) -> dict[str, Tensor]:
     """``dL/dW_i`` of every expert weight, summed over `batches` (and DDP ranks); `(E, out, in)` per linear.
 
     Computed with `torch.autograd.grad`, so no parameter `.grad` is written.
     """
     model = check_model(model)
-    batches = materialize_batches(batches)
-    linears = pad_linears(model)
+    batches = check_batches(batches)
+    linears = linears_by_name(model)
     names = list(linears)
     params = [linears[n].expert_weight for n in names]
     grads = {name: _accumulator(linears[name].expert_weight) for name in names}
@@ -192,90 +199,15 @@ def expert_weight_gradients(
 
 
 def connection_sensitivity(
-    model: PADMoEPreTrainedModel, batches: Iterable[Batch], *, progress: Any | None = None
+    model: nn.Module, batches: Iterable[Batch], *, progress: Any | None = None
 ) -> dict[str, Tensor]:
     """Option (c): ``sum_i |W_i * dL/dW_i|`` (SNIP's saliency summed over the experts), `(out, in)` per linear."""
     model = check_model(model)
     grads = expert_weight_gradients(model, batches, progress=progress)
-    linears = pad_linears(model)
+    linears = linears_by_name(model)
     return {
         name: (linears[name].expert_weight.detach().to(g.dtype) * g).abs().sum(dim=0) for name, g in grads.items()
     }
-
-
-@contextlib.contextmanager
-def expert_warmup(
-    model: PADMoEPreTrainedModel,
-    batches: Iterable[Batch],
-    *,
-    steps: int,
-    lr: float = 1e-4,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    progress: Any | None = None,
-) -> Iterator[None]:
-    """Option (a): train only the expert weights for `steps` Adam steps, yield, then restore them bitwise.
-
-    Step ``s`` uses batch ``s % len(batches)`` and the current masks (static entries get no gradient).
-    Under DDP the gradients are averaged over ranks, so every rank warms up identically. The Adam
-    state is local to this function and the parameters' `.grad` is never written: nothing is left
-    behind once the context exits (also on error). Costs `steps` forward-backward passes and two
-    extra copies of the expert weights in memory (Adam moments) plus one for the restore.
-    """
-    model = check_model(model)
-    batches = materialize_batches(batches)
-    if steps < 0:
-        raise ValueError(f"warm-up steps must be >= 0, got {steps}.")
-    params = [linear.expert_weight for linear in pad_linears(model).values()]
-    saved = [p.detach().clone() for p in params]
-    try:
-        if steps:
-            exp_avg = [torch.zeros_like(p, dtype=_accumulator(p).dtype) for p in params]
-            exp_avg_sq = [torch.zeros_like(m) for m in exp_avg]
-            beta1, beta2 = betas
-            with scoring_mode(model), requires_grad(params):
-                for step in range(1, steps + 1):
-                    index = (step - 1) % len(batches)
-                    loss = task_loss(model, batches[index], index=index)
-                    grads = [
-                        torch.zeros_like(m) if g is None else g.to(m.dtype)
-                        for g, m in zip(torch.autograd.grad(loss, params, allow_unused=True), exp_avg)
-                    ]
-                    all_reduce_sum(grads)
-                    with torch.no_grad():
-                        for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
-                            g.div_(world_size())
-                            m.mul_(beta1).add_(g, alpha=1 - beta1)
-                            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                            denom = (v / (1 - beta2**step)).sqrt_().add_(eps)
-                            p.sub_((lr / (1 - beta1**step)) * m / denom)
-                    if progress is not None:
-                        progress.update(1)
-            del exp_avg, exp_avg_sq
-        yield
-    finally:
-        with torch.no_grad():
-            for p, original in zip(params, saved):
-                p.copy_(original)
-
-
-def perturb_experts(model: PADMoEPreTrainedModel, relative_std: float = 0.01, seed: int = 0) -> None:
-    """Option (b): add independent Gaussian noise to every expert weight, in place (it stays in the model).
-
-    The noise of linear ``l`` has std ``relative_std * std(W_static of l)``, drawn from a CPU
-    generator seeded with `seed` (the same on every rank). Off by default everywhere: call it right
-    after upcycling, before partitioning, if you want eq. 7 at the upcycled point to be non-zero.
-    """
-    model = check_model(model)
-    if relative_std < 0:
-        raise ValueError(f"relative_std must be >= 0, got {relative_std}.")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for linear in pad_linears(model).values():
-            weight = linear.expert_weight
-            std = float(linear.static_weight.float().std()) * relative_std
-            noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * std
-            weight.add_(noise.to(device=weight.device, dtype=weight.dtype))
 
 
 def normalize_scores(
