@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -108,12 +111,53 @@ def test_does_nothing_when_already_partitioned(tmp_path):
     assert callback.result is None and not fresh.config.is_partitioned
 
 
-def test_take_batches_and_argument_errors():
+def test_take_batches_reads_only_what_it_takes():
     loader = DataLoader(_PairDataset(n=8), batch_size=4)
     assert len(take_batches(loader, 10)) == 2 and len(take_batches(loader, 1)) == 1
-    with pytest.raises(ValueError, match="num_batches"):
-        pmt.IMPTrainerCallback(num_batches=0)
-    with pytest.raises(ValueError, match="method"):
-        pmt.IMPTrainerCallback(method="lth")
+    endless = itertools.count()
+    assert take_batches(endless, 3) == [0, 1, 2] and next(endless) == 3
     with pytest.raises(TypeError, match="PAD-MoE model"):
         pmt.IMPTrainerCallback().on_train_begin(None, TrainerState(), TrainerControl(), model=torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dynamic_ratio": 0.0}, r"dynamic_ratio must be in \(0, 1\], got 0\.0"),
+        ({"dynamic_ratio": 1.5}, r"dynamic_ratio must be in \(0, 1\], got 1\.5"),
+        ({"dynamic_ratio": "0.5"}, r"dynamic_ratio must be a finite real number, got '0\.5'"),
+        ({"dynamic_ratio": float("nan")}, r"dynamic_ratio must be a finite real number, got nan"),
+        ({"dynamic_ratio": None}, r"dynamic_ratio must be a real number in \(0, 1\], got None"),
+        ({"num_batches": 0}, r"num_batches must be >= 1 \(the paper uses 10\), got 0"),
+        ({"num_batches": 2.0}, r"num_batches must be an integer >= 1 .*got 2\.0"),
+        ({"num_batches": True}, r"num_batches must be an integer >= 1 .*got True"),
+        ({"rounds": 0}, r"rounds must be >= 1, got 0"),
+        ({"method": "lth"}, r"method must be one of \['imp', 'mp', 'random', 'moe_p'\], got 'lth'"),
+        ({"scope": "layer"}, r"scope must be one of \['linear', 'global'\], got 'layer'"),
+        ({"score": "snip"}, r"score must be one of \['warmup_grad', 'grad', 'connection'\], got 'snip'"),
+        ({"seed": 1.5}, r"seed must be an integer, got 1\.5"),
+        ({"warmup_steps": -1}, r"warmup_steps must be >= 0 \(None: one step per batch\), got -1"),
+        ({"warmup_lr": 0.0}, r"warmup_lr must be > 0 for score='warmup_grad', got 0\.0"),
+        ({"progress": "yes"}, r"progress must be True or False, got 'yes'"),
+    ],
+)
+def test_arguments_are_validated_and_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pmt.IMPTrainerCallback(**kwargs)
+
+
+def test_numpy_arguments_give_json_safe_metadata(tmp_path):
+    callback = pmt.IMPTrainerCallback(dynamic_ratio=np.float64(0.5), num_batches=np.int64(2), rounds=np.int64(2),
+                                      seed=np.int64(4), warmup_steps=np.int32(1), warmup_lr=np.float32(1e-3),
+                                      progress=np.bool_(False))
+    state = callback.state()["args"]
+    assert {k: type(v) for k, v in state.items()} == {
+        "dynamic_ratio": float, "num_batches": int, "rounds": int, "method": str, "scope": str, "score": str,
+        "seed": int, "warmup_steps": int, "warmup_lr": float, "progress": bool,
+    }
+    model = _tiny_model()
+    loader = DataLoader(_PairDataset(), batch_size=4, collate_fn=default_data_collator)
+    callback.on_train_begin(_args(tmp_path), TrainerState(), TrainerControl(), model=model, train_dataloader=loader)
+    meta = json.loads(json.dumps(model.config.to_dict()))["partition"]
+    assert (meta["target_dynamic_ratio"], meta["num_batches"], meta["rounds"], meta["seed"]) == (0.5, 2, 2, 4)
+    assert json.dumps(callback.state())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -76,12 +78,18 @@ def test_warmup_makes_scores_informative_and_restores_weights():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = _batches()
     residue = mask_gradients(model, batches)  # rounding residue of an exactly-zero derivative
+    weight = pad_linears(model)["layer.0.fc_in"].expert_weight
+    upcycled, user_grad = weight.detach().clone(), torch.ones_like(weight)
+    weight.grad = user_grad  # a gradient the caller holds
     with expert_warmup(model, batches, steps=3, lr=1e-3):
+        assert not torch.equal(weight, upcycled)  # the Adam steps moved the experts
         grads = mask_gradients(model, batches)
     for name, g in grads.items():
         assert float(g.abs().max()) > 1e3 * float(residue[name].abs().max()), name
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+    assert weight.grad is user_grad and bool((user_grad == 1).all())
+    weight.grad = None
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -262,6 +270,44 @@ def test_moe_p_matches_pad_parameter_count_and_stays_pruned():
         optimizer.zero_grad()
     for linear in pad_linears(model).values():
         assert not linear.expert_weight[pruned[id(linear)]].any()
+
+
+# ------------------------------------------------------------------------------- reading batches
+def test_reads_at_most_num_batches_of_an_endless_iterator():
+    read = []
+
+    def endless():
+        while True:
+            batch = _batches(n=1, seed=len(read))[0]
+            read.append(batch)
+            yield batch
+
+    model = _tiny_model()
+    result = partition_model(model, endless(), method="mp", num_batches=2, dynamic_ratio=0.5, progress=False)
+    assert len(read) == 2 and result.metadata["num_batches"] == 2 and result.forward_backward_passes == 2 + 2
+    # The same two batches as a list give the same masks.
+    again = partition_model(_tiny_model(), read, method="mp", dynamic_ratio=0.5, progress=False)
+    assert all(torch.equal(again.masks[n], result.masks[n]) for n in result.masks)
+
+
+def test_fewer_batches_than_asked_uses_those_and_records_the_count():
+    result = partition_model(_tiny_model(), iter(_batches(n=3)), method="random", num_batches=10, progress=False)
+    assert result.metadata["num_batches"] == 3
+    with pytest.raises(ValueError, match="zero batches"):
+        partition_model(_tiny_model(), iter([]), num_batches=10, progress=False)
+    # The lower-level scoring functions read all their batches, so an iterator of unknown length is refused.
+    with pytest.raises(ValueError, match=r"batches is a generator of unknown length.*num_batches=10"):
+        mask_gradients(_tiny_model(), (b for b in _batches()))
+
+
+def test_numpy_arguments_are_recorded_as_plain_numbers():
+    model = _tiny_model()
+    partition_model(model, _batches(), dynamic_ratio=np.float64(0.5), num_batches=np.int64(2), rounds=np.int64(2),
+                    seed=np.int64(3), warmup_lr=np.float32(1e-3), progress=np.bool_(False))
+    meta = model.config.partition
+    assert (meta["num_batches"], meta["rounds"], meta["seed"]) == (2, 2, 3)
+    assert all(type(meta[k]) is float for k in ("target_dynamic_ratio", "warmup_lr")) and type(meta["seed"]) is int
+    assert json.loads(json.dumps(model.config.to_dict()))["partition"]["target_dynamic_ratio"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------- errors
