@@ -90,6 +90,16 @@ class PADMoEConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.validate_pad_fields()
+        # The task-head fields live on both configs (Trainer and pipelines read this one, the head is built from
+        # the base config). A PAD config built around a base config with its own head (e.g. num_labels=1)
+        # takes it over unless it was given head fields of its own, which then win.
+        default_labels = {i: f"LABEL_{i}" for i in range(2)}
+        if self.id2label == default_labels and self.base_config.id2label != default_labels:
+            _apply_head_fields(
+                self, {k: getattr(self.base_config, k) for k in ("id2label", "label2id", "problem_type")}
+            )
+        else:
+            self.sync_base_config()
 
     def validate_pad_fields(self) -> None:
         """Raise a `ValueError` naming the field and the allowed values for any invalid PAD field."""

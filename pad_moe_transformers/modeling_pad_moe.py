@@ -112,6 +112,7 @@ class PADMoEPreTrainedModel(PreTrainedModel):
             if isinstance(module, TopKRouter):
                 init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, PADWeight):
+                _materialize_derived_tensors(module)
                 init.normal_(module.expert_weight, mean=0.0, std=std)
                 init.copy_(module.static_weight, static_from_experts(module.expert_weight.detach()))
                 init.ones_(module.mask)
@@ -168,7 +169,9 @@ class PADMoEPreTrainedModel(PreTrainedModel):
                 kwargs.pop(key, None)
             return super().save_pretrained(save_directory, *args, **kwargs)
         from .checkpoint.save import save_pad_pretrained
+        from .partition.metadata import verify_partition_metadata
 
+        verify_partition_metadata(self)  # never write a checkpoint whose config.partition contradicts its masks
         return save_pad_pretrained(self, save_directory, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
@@ -267,6 +270,20 @@ class PADMoEPreTrainedModel(PreTrainedModel):
     def parameter_report(self) -> ParameterReport:
         """Total / dynamic / static parameter counts per layer and in all, counted as in the paper."""
         return parameter_report(self)
+
+
+def _materialize_derived_tensors(module: PADWeight) -> None:
+    """A "moe"-layout checkpoint stores no static weight and no mask: they are ignored missing keys, which
+    Transformers leaves on the meta device. Give them real storage beside the loaded experts before init."""
+    device = module.expert_weight.device
+    if device.type == "meta":
+        return
+    if module.static_weight.device.type == "meta":
+        module.static_weight = nn.Parameter(
+            torch.empty_like(module.static_weight, device=device), requires_grad=module.static_weight.requires_grad
+        )
+    if module.mask.device.type == "meta":
+        module.mask = torch.empty_like(module.mask, device=device)
 
 
 class PADMoEModel(PADMoEPreTrainedModel):

@@ -243,7 +243,10 @@ def test_bfloat16_loading(saved, tmp_path):
     bf16 = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.bfloat16)
     assert bf16.moe_layers[0].fc_in.expert_weight.dtype == torch.bfloat16
     assert bf16.moe_layers[0].fc_in.mask.dtype == torch.bool
-    reference = copy.deepcopy(model).to(torch.bfloat16)  # the same weights cast in memory
+    reference = copy.deepcopy(model).to(torch.bfloat16)  # the same weights cast in memory ...
+    for moe_ref, moe in zip(reference.moe_layers, model.moe_layers):  # ... except the routers, kept in fp32
+        moe_ref.router.float().weight.data.copy_(moe.router.weight)
+    assert bf16.moe_layers[0].router.weight.dtype == torch.float32
     assert_same_module(reference, bf16)
     assert torch.equal(outputs(reference), outputs(bf16))
     # A bf16 model saves bf16 values and loads back as bf16 by default (dtype "auto" = config.dtype).
@@ -441,11 +444,16 @@ def test_mask_padding_bits_must_be_zero(tmp_path):
         load(tmp_path)
 
 
-def test_wrong_shape_is_refused(saved):
+def test_wrong_shape_outside_the_pad_layers_is_handled_as_transformers_does(saved):
+    """A non-PAD tensor of the wrong shape: refused unless `ignore_mismatched_sizes=True`, as for a plain BERT."""
     _, path = saved
     rewrite(path / "model.safetensors", lambda t: t.update({"model.classifier.weight": torch.zeros(3, 32)}))
-    with pytest.raises(PADCheckpointError, match=r"'model\.classifier\.weight' has shape \[3, 32\].*\[2, 32\]"):
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         load(path)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    assert [key for key, *_ in info["mismatched_keys"]] == ["model.classifier.weight"]
 
 
 def test_wrong_packed_mask_shape_is_refused(saved):
@@ -456,13 +464,20 @@ def test_wrong_packed_mask_shape_is_refused(saved):
 
 
 @pytest.mark.parametrize(
-    "key", [PREFIX0 + "static_values", PREFIX0 + "mask_packed", PREFIX0 + "scale_logit", "model.bert.embeddings.LayerNorm.weight"]
+    "key", [PREFIX0 + "static_values", PREFIX0 + "mask_packed", PREFIX0 + "scale_logit"]
 )
 def test_missing_tensor_is_refused(saved, key):
     _, path = saved
     rewrite(path / "model.safetensors", lambda t: t.pop(key))
     with pytest.raises(PADCheckpointError, match="Missing tensor '" + key.replace(".", r"\.") + "'"):
         load(path)
+
+
+def test_missing_tensor_outside_the_pad_layers_is_reported_as_transformers_does(saved):
+    _, path = saved
+    rewrite(path / "model.safetensors", lambda t: t.pop("model.bert.embeddings.LayerNorm.weight"))
+    _, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    assert "model.bert.embeddings.LayerNorm.weight" in info["missing_keys"]
 
 
 def test_unexpected_and_dense_tensors_are_refused(saved):
@@ -565,7 +580,7 @@ def test_partial_compact_group_in_load_state_dict_is_refused(saved):
     model, path = saved
     tensors = load_file(path / "model.safetensors")
     del tensors[PREFIX0 + "expert_values"]
-    with pytest.raises(PADCheckpointError, match=r"lacks .*fc_in\.expert_values"):
+    with pytest.raises(RuntimeError, match=r"lacks .*fc_in\.expert_values"):
         model.load_state_dict(tensors, strict=False)
 
 

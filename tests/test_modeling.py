@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 import pad_moe_transformers as pmt
+from pad_moe_transformers.core import named_pad_linears
 from conftest import random_batch
 
 
@@ -70,11 +71,12 @@ def test_save_load_round_trip(tiny_base_config, auto_class, tmp_path):
     config = pmt.PADMoEConfig(base_config=tiny_base_config, num_experts=4)
     model = auto_class.from_config(config).eval()
     with torch.no_grad():  # make the experts differ and the mask non-trivial, as after training
-        for moe in model.moe_layers:
-            for linear in moe.pad_linears().values():
-                linear.expert_weight.add_(0.01 * torch.randn_like(linear.expert_weight))
-                linear.mask.copy_(torch.rand(linear.mask.shape) < 0.5)
-                linear.scale_logit.fill_(0.3)
+        masks = {}
+        for ref in named_pad_linears(model):
+            ref.module.expert_weight.add_(0.01 * torch.randn_like(ref.module.expert_weight))
+            ref.module.scale_logit.fill_(0.3)
+            masks[ref.short_name] = torch.rand(ref.module.mask.shape) < 0.5
+    pmt.apply_partition(model, masks, {"method": "manual"})
     model.save_pretrained(tmp_path)
     again = auto_class.from_pretrained(tmp_path)
     assert type(again) is type(model)

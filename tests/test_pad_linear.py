@@ -39,10 +39,7 @@ def test_eq4_matches_independent_computation(mode):
     mask = linear.mask.double()
     for expert in range(linear.num_experts):
         expected = l_d * mask * linear.expert_weight[expert].double() + l_s * (1 - mask) * linear.static_weight.double()
-        torch.testing.assert_close(linear.expert_weight_eff(expert).double(), expected, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(
-        linear.merged_weights(), torch.stack([linear.expert_weight_eff(e) for e in range(linear.num_experts)])
-    )
+        torch.testing.assert_close(linear.effective_weight()[expert].double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_sum2_scales_start_at_one_and_sum_to_two():
@@ -58,12 +55,11 @@ def test_sum2_scales_start_at_one_and_sum_to_two():
 
 def test_soft_mask_path_equals_binary_path():
     linear = _random_pad_linear("sum2")
-    hard = [linear.expert_weight_eff(e).detach() for e in range(linear.num_experts)]
+    hard = linear.effective_weight().detach()
     linear.soft_mask = linear.mask.float().requires_grad_(True)
-    soft = [linear.expert_weight_eff(e) for e in range(linear.num_experts)]
-    for h, s in zip(hard, soft):
-        torch.testing.assert_close(h, s.detach())
-    sum(s.sum() for s in soft).backward()
+    soft = linear.effective_weight()
+    torch.testing.assert_close(hard, soft.detach())
+    soft.sum().backward()
     assert linear.soft_mask.grad is not None and linear.soft_mask.grad.abs().sum() > 0
 
 
@@ -71,7 +67,7 @@ def test_gradients_reach_only_dynamic_expert_and_static_entries():
     linear = _random_pad_linear("sum2")
     x = torch.randn(7, linear.in_features)
     loss = sum(
-        nn.functional.linear(x, linear.expert_weight_eff(e), linear.expert_bias_of(e)).square().sum()
+        nn.functional.linear(x, linear.effective_weight()[e], linear.expert_bias_of(e)).square().sum()
         for e in range(linear.num_experts)
     )
     loss.backward()
@@ -90,16 +86,18 @@ def test_upcycled_linear_equals_dense_for_any_mask():
     linear = PADExpertLinear.from_dense(dense, num_experts=4)
     linear.mask.copy_(torch.rand(5, 6) < 0.3)
     for expert in range(4):
-        torch.testing.assert_close(linear.expert_weight_eff(expert), dense.weight.detach())
+        torch.testing.assert_close(linear.effective_weight()[expert], dense.weight.detach())
         torch.testing.assert_close(linear.expert_bias_of(expert), dense.bias.detach())
 
 
 @pytest.mark.parametrize("mode", ["sum2", "none", "static_only", "dynamic_only", "free"])
-def test_fused_training_weights_match_autograd_reference(mode):
+def test_fused_eq4_matches_autograd_reference(mode):
+    """The fused backward of eq. 4 (boolean mask) against plain autograd of `where(M, l_d W, l_s W_static)`."""
     linear = _random_pad_linear(mode)
     upstream = torch.randn(linear.num_experts, linear.out_features, linear.in_features)
-    fused = torch.stack(linear.merged_weights_for_training())
-    reference = torch.stack([linear.expert_weight_eff(e) for e in range(linear.num_experts)])
+    fused = linear.effective_weight()
+    l_s, l_d = linear.scale_factors()
+    reference = torch.where(linear.mask, l_d * linear.expert_weight, l_s * linear.static_weight)
     torch.testing.assert_close(fused, reference)
     params = [p for p in linear.parameters() if p.requires_grad]
     grads_fused = torch.autograd.grad((fused * upstream).sum(), params, allow_unused=True)
@@ -138,7 +136,26 @@ def test_load_state_dict_accepts_0d_scale_factors(mode):
     fresh.load_state_dict(old)
     for key, value in linear.state_dict().items():
         assert fresh.state_dict()[key].shape == value.shape and torch.equal(fresh.state_dict()[key], value), key
-    assert torch.equal(fresh.merged_weights(), linear.merged_weights())
+    assert torch.equal(fresh.effective_weight(), linear.effective_weight())
     fresh.load_state_dict(linear.state_dict())  # and the (1,) tensors of its own state dict
     with pytest.raises(RuntimeError, match="size mismatch"):
         fresh.load_state_dict({**old, next(k for k in old if old[k].dim() == 0): torch.zeros(2)})
+
+
+def test_load_state_dict_decodes_compact_and_moe_entries():
+    """`load_state_dict` reads the tensors of a checkpoint file (Trainer's resume): compact or plain-MoE entries."""
+    from pad_moe_transformers.core.compact import encode_compact
+
+    linear = _random_pad_linear("sum2")
+    state = dict(linear.state_dict())
+    compact = {k: v for k, v in state.items() if k not in ("expert_weight", "static_weight", "mask")}
+    compact.update(encode_compact(state["expert_weight"], state["static_weight"], state["mask"]))
+    fresh = PADExpertLinear(linear.in_features, linear.out_features, linear.num_experts)
+    fresh.load_state_dict(compact)
+    assert torch.equal(fresh.mask, linear.mask)
+    assert torch.equal(fresh.effective_weight(), linear.effective_weight())
+
+    moe = {k: v for k, v in state.items() if k not in ("static_weight", "mask")}
+    fresh.load_state_dict(moe)
+    assert bool(fresh.mask.all()) and torch.equal(fresh.expert_weight, linear.expert_weight)
+    torch.testing.assert_close(fresh.static_weight, linear.expert_weight.mean(dim=0))

@@ -18,12 +18,15 @@ the loaded masks.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch import Tensor
 from safetensors import SafetensorError, safe_open
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
@@ -31,16 +34,26 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 from ..core.compact import decode_compact, encode_compact
 from ..core.registry import named_pad_linears
 from ..core.scale_factors import SCALE_FACTOR_NAMES
-from .format import METADATA_LINEARS, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, add_variant
+from .format import (
+    LAYOUT_MOE,
+    METADATA_LINEARS,
+    RAW_SUFFIXES,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    add_variant,
+    pad_prefix_of,
+)
 from .validate import (
     PADCheckpointError,
     check_compact_values,
+    check_dense_experts,
     check_file_integrity,
     check_metadata,
+    check_no_unexpected,
     check_packed_mask,
     check_saved_linears,
     check_scale_factor,
-    fail,
+    require_tensor,
 )
 
 _COMPACT = ["mask_packed", "static_values", "expert_values"]
@@ -54,22 +67,12 @@ class DecodeCompact(ConversionOps):
 
     @torch.no_grad()
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None, **kwargs):
-        prefix = full_layer_name.rsplit(".", 1)[0] + "."
-        missing = [s for s in _COMPACT if not input_dict.get(s)]
-        if missing:
-            fail(f"Missing tensor(s) {[prefix + s for s in missing]} (compact layout) of the PAD linear {prefix[:-1]!r}.")
         packed, static_values, expert_values = (input_dict[s][0] for s in _COMPACT)
-        linear = model.get_submodule(prefix[:-1])
+        linear = model.get_submodule(full_layer_name.rsplit(".", 1)[0])
         # The loader casts every tensor of a conversion to the dtype of its first target (the float experts):
-        # the packed bytes (0..255) survive that exactly, in fp32, bf16 and fp16.
-        if packed.is_floating_point():
-            if not bool((packed == packed.round()).all()) or bool(((packed < 0) | (packed > 255)).any()):
-                fail(f"Tensor {prefix}mask_packed does not hold bytes; the packed mask must be uint8.")
-            packed = packed.to(torch.uint8)
-        nnz = check_packed_mask(prefix, linear, packed.cpu())
-        check_compact_values(prefix, linear, nnz, static_values, expert_values)
-        dynamic, static, mask = decode_compact(packed.to(expert_values.device), static_values, expert_values,
-                                               tuple(linear.mask.shape))
+        # the packed bytes (0..255) survive that exactly, in fp32, bf16 and fp16. (Validated before loading.)
+        packed = packed.to(torch.uint8)
+        dynamic, static, mask = decode_compact(packed, static_values, expert_values, tuple(linear.mask.shape))
         return {"expert_weight": dynamic, "static_weight": static, "mask": mask}
 
     @property
@@ -168,10 +171,11 @@ def resolve_checkpoint_files(
     )
 
 
-def read_checkpoint_metadata(files: list[str]) -> dict[str, str]:
+def read_checkpoint_metadata(files: list[str], index: dict | None = None) -> dict[str, str]:
     """The PAD header metadata of the checkpoint files (read without their tensors), checked to agree across
-    shards; `pad_moe.linears` is merged over the shards."""
+    shards and, when sharded, with the index; `pad_moe.linears` is merged over the shards."""
     metadata: dict[str, str] | None = None
+    location: dict[str, str] = {}
     linears: dict[str, Any] = {}
     for path in files:
         name = os.path.basename(path)
@@ -179,6 +183,10 @@ def read_checkpoint_metadata(files: list[str]) -> dict[str, str]:
         try:
             with safe_open(path, framework="pt") as f:
                 file_metadata = dict(f.metadata() or {})
+                for key in f.keys():
+                    if key in location:
+                        raise PADCheckpointError(f"Tensor {key!r} appears in both {location[key]} and {name}.")
+                    location[key] = name
         except SafetensorError as error:
             raise PADCheckpointError(f"Checkpoint file {name} cannot be read as safetensors: {error}") from None
         try:
@@ -195,6 +203,19 @@ def read_checkpoint_metadata(files: list[str]) -> dict[str, str]:
             )
     metadata = dict(metadata or {})
     metadata[METADATA_LINEARS] = json.dumps(linears, sort_keys=True)
+    if index is not None:
+        weight_map = index["weight_map"]
+        for key, file in location.items():
+            if weight_map.get(key) != file:
+                raise PADCheckpointError(
+                    f"Tensor {key!r} is in {file} but the shard index maps it to {weight_map.get(key)!r}."
+                )
+        missing = sorted(set(weight_map) - set(location))
+        if missing:
+            raise PADCheckpointError(
+                f"The shard index lists tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + f", which no shard holds ({weight_map[missing[0]]} lacks it)."
+            )
     return metadata
 
 
@@ -241,39 +262,73 @@ def load_pad_checkpoint(
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"`{unsupported}` is not supported when loading a PAD-MoE checkpoint from {path!r}.")
     download_kwargs = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
-    files, _ = resolve_checkpoint_files(path, variant=kwargs.get("variant"), download_kwargs=download_kwargs)
-    metadata = read_checkpoint_metadata(files)
+    files, index = resolve_checkpoint_files(path, variant=kwargs.get("variant"), download_kwargs=download_kwargs)
+    metadata = read_checkpoint_metadata(files, index)
     if config is None:
         # Config overrides (`num_labels=5`, `hidden_dropout_prob=0.3`) are applied here, as Transformers does;
         # the download options are consumed by the config and still needed for the weights.
         config, kwargs = cls.config_class.from_pretrained(path, return_unused_kwargs=True, **kwargs)
         kwargs.update(download_kwargs)
     mapping = _cross_head_key_mapping(cls, checkpoint_config, config)
+    validate_pad_tensors(cls, config, files, metadata, mapping)
     if mapping is not None:
         kwargs["key_mapping"] = {**mapping, **(kwargs.get("key_mapping") or {})}
     want_info = kwargs.pop("output_loading_info", False)
     model, info = base_from_pretrained(path, *model_args, config=config, output_loading_info=True, **kwargs)
 
-    check_metadata(metadata, model.config, model)
-    linears = {ref.name + ".": ref.module for ref in named_pad_linears(model)}
-    if mapping is None:
-        check_saved_linears(metadata, linears)
-    errors = info.get("conversion_errors") or {}
-    if errors:
-        key, message = next(iter(errors.items()))
-        first_line = [line for line in str(message).splitlines() if line.strip()]
-        detail = next((line for line in reversed(first_line) if "PADCheckpointError" in line), first_line[-1] if first_line else "")
-        raise PADCheckpointError(f"Could not decode the PAD tensors of {key!r} from {path!r}: {detail}")
-    pad_problems = sorted(
-        k for k in set(info.get("missing_keys", ())) | set(info.get("unexpected_keys", ()))
-        if any(k.startswith(prefix) for prefix in linears) and not k.endswith((".static_weight", ".mask"))
-    )
-    if pad_problems:
-        raise PADCheckpointError(f"The checkpoint at {path!r} does not match the PAD layers of the config: {pad_problems[:5]}")
     from ..partition.metadata import verify_partition_metadata
 
     verify_partition_metadata(model)
     return (model, info) if want_info else model
+
+
+_DTYPES = {"U8": torch.uint8, "BOOL": torch.bool, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def validate_pad_tensors(
+    cls: type, config: Any, files: list[str], metadata: Mapping[str, str], mapping: Mapping[str, str] | None
+) -> None:
+    """Check the header metadata and every PAD tensor of the files against the model the config builds, before
+    Transformers loads anything, so that a bad checkpoint is refused with a `PADCheckpointError` naming the
+    tensor or config field at fault. Reads only shapes and dtypes, and the (small) packed masks.
+
+    The model is built on the meta device for its shapes: no storage, no weights.
+    """
+    with torch.device("meta"):
+        skeleton = cls(copy.deepcopy(config))
+    layout = check_metadata(metadata, config, skeleton)
+    linears = {ref.name + ".": ref.module for ref in named_pad_linears(skeleton)}
+    if mapping is None:
+        check_saved_linears(metadata, linears)
+    stored: dict[str, Tensor] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                name = key
+                for pattern, replacement in (mapping or {}).items():
+                    name = re.sub(pattern, replacement, name)
+                if pad_prefix_of(name, linears) is None:
+                    continue
+                if name.endswith(".mask_packed"):
+                    stored[name] = f.get_tensor(key)
+                else:
+                    piece = f.get_slice(key)
+                    stored[name] = torch.empty(piece.get_shape(), dtype=_DTYPES.get(piece.get_dtype()), device="meta")
+    for prefix, linear in linears.items():
+        if layout == LAYOUT_MOE:
+            check_dense_experts(prefix, linear, require_tensor(stored, prefix, "expert_weight", layout))
+        else:
+            nnz = check_packed_mask(prefix, linear, require_tensor(stored, prefix, "mask_packed", layout))
+            static_values = require_tensor(stored, prefix, "static_values", layout)
+            check_compact_values(prefix, linear, nnz, static_values, require_tensor(stored, prefix, "expert_values", layout))
+        for name in SCALE_FACTOR_NAMES:
+            parameter = getattr(linear, name, None)
+            if parameter is not None:
+                check_scale_factor(prefix + name, require_tensor(stored, prefix, name, layout), parameter)
+    unexpected = [k for k in stored if k[len(pad_prefix_of(k, linears)):] in RAW_SUFFIXES and layout != LAYOUT_MOE]
+    unexpected += [k for k in stored if k.endswith(tuple("." + s for s in _COMPACT)) and layout == LAYOUT_MOE]
+    check_no_unexpected(unexpected, linears)
 
 
 def upcycle(cls: type, path, checkpoint_type: str | None, config: Any, model_args: tuple, kwargs: dict[str, Any]):

@@ -97,7 +97,12 @@ class PADWeight(nn.Module):
             value, parameter = state_dict.get(prefix + name), getattr(self, name, None)
             if isinstance(parameter, nn.Parameter) and isinstance(value, Tensor) and value.dim() == 0:
                 state_dict[prefix + name] = value.reshape(parameter.shape)
-        if all(prefix + s in state_dict for s in COMPACT_SUFFIXES):
+        present = [s for s in COMPACT_SUFFIXES if prefix + s in state_dict]
+        if present and len(present) < len(COMPACT_SUFFIXES):
+            lacking = [prefix + s for s in COMPACT_SUFFIXES if s not in present]
+            error_msgs.append(f"The state dict has {prefix}{present[0]} but lacks {lacking} to decode it.")
+            return
+        if present:
             dynamic, static, mask = decode_compact(
                 *(state_dict.pop(prefix + s) for s in COMPACT_SUFFIXES), tuple(self.mask.shape)
             )
