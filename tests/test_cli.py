@@ -105,7 +105,8 @@ def test_convert_regression_neuron_random(dense, glue, tmp_path, capsys):
     out = tmp_path / "stsb"
     code, stdout, _ = run(capsys, "convert", dense, out, "--task", "stsb", "--data_dir", glue, "--partition", "random",
                           "--granularity", "neuron", "--dynamic_ratio", "0.25", "--num_experts", "2",
-                          "--partition_batches", "1", "--scale_factor_mode", "free", "--dtype", "bfloat16", "--json", "-q")
+                          "--partition_batches", "1", "--scale_factor_mode", "free", "--dtype", "bfloat16",
+                          "--json", "-q")
     assert code == 0, stdout
     summary = json.loads(stdout)
     assert summary["layout"] == "compact" and summary["partition"]["method"] == "random"
@@ -128,7 +129,8 @@ def test_inspect_table_json_and_plot(pad_checkpoint, glue, tmp_path, capsys):
     assert code == 0
     info = json.loads(out)
     assert info["layout"] == "compact" and info["num_experts"] == 4 and info["expert_usage"] is None
-    assert [(r["layer"], r["linear"]) for r in info["linears"]] == [(0, "fc_in"), (0, "fc_out"), (1, "fc_in"), (1, "fc_out")]
+    linears = [(r["layer"], r["linear"]) for r in info["linears"]]
+    assert linears == [(0, "fc_in"), (0, "fc_out"), (1, "fc_in"), (1, "fc_out")]
     for row in info["linears"]:
         assert row["dynamic_ratio"] == pytest.approx(0.5) and row["l_s"] + row["l_d"] == pytest.approx(2.0)
         assert row["dynamic"] == 4 * 48 * 32 // 2 and row["static"] == 48 * 32 // 2

@@ -23,6 +23,8 @@ WORDS = "the a cat dog man woman is was on in park ball plays runs sleeps red bi
 
 
 def _load_example():
+    if str(EXAMPLE.parent) not in sys.path:  # as `python examples/run_glue.py` does: glue_arguments.py is beside it
+        sys.path.insert(0, str(EXAMPLE.parent))
     spec = importlib.util.spec_from_file_location("run_glue_example", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
@@ -53,8 +55,9 @@ def _argv(task: str, mode: str, model: str, data: Path, out: Path, *extra: str) 
         "--task", task, "--mode", mode, "--model_name_or_path", model, "--data_dir", str(data),
         "--output_dir", str(out), "--do_train", "--do_eval", "--max_steps", "3",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
-        "--num_experts", "4", "--learning_rate", "1e-3", "--metric_backend", "local",
-        "--logging_steps", "1", "--report_to", "none", "--dataloader_pin_memory", "false", "--disable_tqdm", "true", "--seed", "0",
+        "--num_experts", "4", "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--report_to", "none", "--dataloader_pin_memory", "false", "--disable_tqdm", "true",
+        "--seed", "0",
         *extra,
     ]  # fmt: skip
 
@@ -78,7 +81,9 @@ def _check_results(out: Path, keys: set[str], returned: dict) -> dict:
 def test_run_glue_end_to_end(run_glue, tiny_model, glue_dir, tmp_path, task, mode):
     out = tmp_path / "out"
     metrics = run_glue.main(_argv(task, mode, tiny_model, glue_dir, out))
-    keys = {"eval_accuracy", "eval_loss"} if task == "rte" else {"eval_pearson", "eval_spearmanr", "eval_combined_score"}
+    keys = (
+        {"eval_accuracy", "eval_loss"} if task == "rte" else {"eval_pearson", "eval_spearmanr", "eval_combined_score"}
+    )
     _check_results(out, keys, metrics)
 
     config = AutoConfig.from_pretrained(out)
@@ -106,7 +111,12 @@ def test_run_glue_end_to_end(run_glue, tiny_model, glue_dir, tmp_path, task, mod
     "task, mode, extra, method",
     [
         ("rte", "pad", ["--partition", "mp", "--scale_learning_rate", "1e-2", "--router_learning_rate", "3e-3"], "mp"),
-        ("stsb", "pad", ["--partition", "imp", "--partition_rounds", "2", "--max_train_samples", "20", "--train_sample_seed", "0"], "imp"),
+        (
+            "stsb",
+            "pad",
+            ["--partition", "imp", "--partition_rounds", "2", "--max_train_samples", "20", "--train_sample_seed", "0"],
+            "imp",
+        ),
         ("rte", "moe_pruned", [], "moe_p"),
     ],
 )
@@ -124,7 +134,9 @@ def test_run_glue_partitioned_modes(run_glue, tiny_model, glue_dir, tmp_path, ta
     # PAD/MoE-P count fewer parameters than the fully dynamic MoE they come from.
     assert results["parameters_dense_equivalent"] < results["parameters_total"] < results["parameters_moe_equivalent"]
     # The partitioned checkpoint evaluates to the same loss when loaded back (eval only, no new partition).
-    again = run_glue.main([a for a in _argv(task, mode, str(out), glue_dir, tmp_path / "eval_only") if a != "--do_train"])
+    again = run_glue.main(
+        [a for a in _argv(task, mode, str(out), glue_dir, tmp_path / "eval_only") if a != "--do_train"]
+    )
     assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
 
 

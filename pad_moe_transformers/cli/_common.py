@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.utils import logging
 
@@ -70,7 +71,9 @@ def int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 0,1,2, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer indices such as 0,1,2, got {text!r}"
+        ) from None
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected non-negative layer indices such as 0,1,2, got {text!r}")
     return values
@@ -159,7 +162,8 @@ def load_any_model(path: str):
         return path, cls.from_pretrained(path), "pad"
     if config.model_type not in PAD_FFN_LAYOUTS:
         raise CLIError(
-            f"{path} is a {config.model_type!r} model; supported families: {sorted(PAD_FFN_LAYOUTS)} (or a PAD-MoE checkpoint)."
+            f"{path} is a {config.model_type!r} model; supported families: {sorted(PAD_FFN_LAYOUTS)} "
+            "(or a PAD-MoE checkpoint)."
         )
     cls = next(
         (getattr(transformers, name) for name in config.architectures or [] if hasattr(transformers, name)),
@@ -188,7 +192,11 @@ def load_tokenizer(candidates: Sequence[str | None]):
 # ------------------------------------------------------------------------------------ data
 def add_data_arguments(parser: argparse.ArgumentParser, *, split_default: str | None, samples_default: int) -> None:
     group = parser.add_argument_group("input samples (GLUE TSVs or a text file)")
-    group.add_argument("--task", type=glue_task_name, help="GLUE task whose TSVs are read (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli).")
+    group.add_argument(
+        "--task",
+        type=glue_task_name,
+        help="GLUE task whose TSVs are read (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli).",
+    )
     group.add_argument("--data_dir", help="GLUE root (holding RTE/, CoLA/, ...) or the task's own folder.")
     group.add_argument(
         "--split",
@@ -196,9 +204,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, split_default: str | 
         help="split to read (train, validation, ...; default: %s)." % (split_default or "the task's first dev split"),
     )
     group.add_argument("--text_file", help="a UTF-8 text file, one input per line (a tab separates a sentence pair).")
-    group.add_argument("--samples", type=positive_int, default=samples_default, help="number of inputs used (the first N; default %(default)s).")
-    group.add_argument("--batch_size", type=positive_int, default=16, help="inputs per forward pass (default %(default)s).")
-    group.add_argument("--max_seq_length", type=positive_int, default=128, help="longer inputs are truncated (default %(default)s).")
+    group.add_argument(
+        "--samples",
+        type=positive_int,
+        default=samples_default,
+        help="number of inputs used (the first N; default %(default)s).",
+    )
+    group.add_argument(
+        "--batch_size", type=positive_int, default=16, help="inputs per forward pass (default %(default)s)."
+    )
+    group.add_argument(
+        "--max_seq_length", type=positive_int, default=128, help="longer inputs are truncated (default %(default)s)."
+    )
     group.add_argument("--tokenizer", help="tokenizer path or hub id (default: the model's own).")
 
 
@@ -222,26 +239,32 @@ def read_texts(args: argparse.Namespace) -> tuple[list[tuple[str, ...]], list[fl
         return [tuple(line.split("\t")[:2]) for line in lines[: args.samples]], None
     if not args.task:
         raise CLIError("--data_dir needs --task (the GLUE task whose TSVs to read).")
-    from ..glue import get_task, load_glue_tsv
+    from ..glue import get_task, glue_split_path, read_glue_columns
 
     task = get_task(args.task)
     split = args.split or task.eval_splits[0]
     if not Path(args.data_dir).is_dir():
         raise CLIError(f"--data_dir {args.data_dir}: no such folder.")
     try:
-        dataset = load_glue_tsv(task, args.data_dir, splits=[split])[split]
+        columns = read_glue_columns(task, glue_split_path(task, args.data_dir, split), split)
     except (FileNotFoundError, ValueError) as error:
         raise CLIError(str(error)) from None
-    if getattr(args, "shuffle", False):
-        dataset = dataset.shuffle(seed=args.seed)
-    dataset = dataset.select(range(min(args.samples, len(dataset))))
-    texts = [tuple(row[c] for c in task.text_columns) for row in dataset]
-    return texts, list(dataset["label"])
+    rows = len(columns["label"])
+    # The order `datasets.Dataset.shuffle(seed)` gives (a numpy permutation), without needing `datasets`.
+    order = np.random.default_rng(args.seed).permutation(rows) if getattr(args, "shuffle", False) else range(rows)
+    chosen = [int(i) for i in order[: args.samples]]
+    texts = [tuple(columns[c][i] for c in task.text_columns) for i in chosen]
+    return texts, [columns["label"][i] for i in chosen]
 
 
 def make_batches(
-    tokenizer, texts: list[tuple[str, ...]], labels: list[float] | None, batch_size: int, max_length: int,
-    *, regression: bool = False,
+    tokenizer,
+    texts: list[tuple[str, ...]],
+    labels: list[float] | None,
+    batch_size: int,
+    max_length: int,
+    *,
+    regression: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenised, padded batches of `texts` (pairs when two texts), with `labels` if given."""
     batches = []
@@ -249,7 +272,9 @@ def make_batches(
         chunk = texts[start : start + batch_size]
         first = [t[0] for t in chunk]
         second = [t[1] for t in chunk] if all(len(t) > 1 for t in chunk) else None
-        batch = dict(tokenizer(first, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+        batch = dict(
+            tokenizer(first, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        )
         if labels is not None:
             values = labels[start : start + batch_size]
             batch["labels"] = torch.tensor(values, dtype=torch.float32 if regression else torch.long)

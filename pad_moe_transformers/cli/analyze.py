@@ -30,22 +30,35 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
     parser = subparsers.add_parser(
         "analyze",
         parents=parents or [],
-        help="dynamic-property analysis (paper Fig. 6): parameter and output variance per layer for dense / MoE / PAD models",
+        help="dynamic-property analysis (paper Fig. 6): parameter and output variance per layer "
+        "for dense / MoE / PAD models",
         description="Run dense, MoE and PAD-MoE models on the same input samples and report, per FFN layer, the "
         "parameter variance (variance across inputs of the computed weights sum_e gate_e * W_eff_e, averaged over "
         "weight elements; 0 for a dense FFN) and the output variance (variance across inputs of the FFN block "
         "output, averaged over hidden dimensions). See docs/concepts.md for the exact definitions.",
-        epilog="examples:\n  pad-moe analyze dense=bert-base-uncased moe=out/bert_moe pad=out/rte_pad --task rte --data_dir glue_data\n"
+        epilog="examples:\n"
+        "  pad-moe analyze dense=bert-base-uncased moe=out/bert_moe pad=out/rte_pad --task rte --data_dir glue_data\n"
         "  pad-moe analyze out/rte_pad --text_file sentences.txt --unit sample --json --plot dynamics.png",
         formatter_class=_common.HelpFormatter,
     )
-    parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="a checkpoint (folder or hub id), optionally labelled as LABEL=PATH; dense checkpoints "
-                        "of a supported family and PAD-MoE checkpoints can be mixed.")
-    parser.add_argument("--unit", choices=UNITS, default="token",
-                        help="what one sample of the variance is: a token, or a whole input (its tokens averaged) (default %(default)s).")
+    parser.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="a checkpoint (folder or hub id), optionally labelled as LABEL=PATH; dense checkpoints "
+        "of a supported family and PAD-MoE checkpoints can be mixed.",
+    )
+    parser.add_argument(
+        "--unit",
+        choices=UNITS,
+        default="token",
+        help="what one sample of the variance is: a token, or a whole input (its tokens averaged) "
+        "(default %(default)s).",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table.")
-    parser.add_argument("--plot", metavar="FILE", help="plot both measures per layer to FILE (.png/.pdf/.svg; needs matplotlib).")
+    parser.add_argument(
+        "--plot", metavar="FILE", help="plot both measures per layer to FILE (.png/.pdf/.svg; needs matplotlib)."
+    )
     _common.add_data_arguments(parser, split_default=None, samples_default=64)
     parser.set_defaults(run=run)
     return parser
@@ -96,8 +109,10 @@ def analyze(args: argparse.Namespace) -> dict[str, Any]:
         path, model, kind = _common.load_any_model(path)
         vocab = _vocab_size(model, kind)
         if vocab and len(tokenizer) > vocab:
-            raise CLIError(f"the tokenizer has {len(tokenizer)} tokens but model {label} ({path}) a vocabulary of {vocab}: "
-                           "the models must share one tokenizer (pass --tokenizer).")
+            raise CLIError(
+                f"the tokenizer has {len(tokenizer)} tokens but model {label} ({path}) a vocabulary of {vocab}: "
+                "the models must share one tokenizer (pass --tokenizer)."
+            )
         result = dynamic_property(model, batches, unit=args.unit, desc=f"Dynamic property ({label})")
         results.append({"label": label, "path": path, "kind": kind, "model": describe(model, kind), **result.to_dict()})
         del model
@@ -122,16 +137,24 @@ def render(info: dict[str, Any]) -> str:
         row = [index]
         for table in by_model:
             layer = table.get(index)
-            row += ["-", "-"] if layer is None else [f"{layer['parameter_variance']:.4e}", f"{layer['output_variance']:.4e}"]
+            row += (
+                ["-", "-"]
+                if layer is None
+                else [f"{layer['parameter_variance']:.4e}", f"{layer['output_variance']:.4e}"]
+            )
         rows.append(row)
     mean_row = ["mean"]
     for m in models:
         n = max(len(m["layers"]), 1)
-        mean_row += [f"{sum(x['parameter_variance'] for x in m['layers']) / n:.4e}",
-                     f"{sum(x['output_variance'] for x in m['layers']) / n:.4e}"]
+        mean_row += [
+            f"{sum(x['parameter_variance'] for x in m['layers']) / n:.4e}",
+            f"{sum(x['output_variance'] for x in m['layers']) / n:.4e}",
+        ]
     rows.append(mean_row)
-    lines = [f"Dynamic property over {info['samples']} inputs ({info['tokens']:,} tokens) from {info['source']}; "
-             f"unit = {info['unit']}"]
+    lines = [
+        f"Dynamic property over {info['samples']} inputs ({info['tokens']:,} tokens) from {info['source']}; "
+        f"unit = {info['unit']}"
+    ]
     lines += [f"  {m['label']}: {m['model']} - {m['path']}" for m in models]
     lines += ["", _common.format_table(headers, rows)]
     return "\n".join(lines)
@@ -145,8 +168,13 @@ def plot(info: dict[str, Any], path: str) -> None:
         layers = [x["layer"] for x in m["layers"]]
         name = m["label"] if m["label"] == m["model"] else f"{m['label']}: {m['model']}"
         # Models can coincide (a freshly upcycled MoE equals its dense model): vary line style and marker size.
-        style = dict(marker=markers[n % len(markers)], label=name, linestyle=("-", "--", "-.", ":")[n % 4],
-                     markersize=max(9 - 1.5 * n, 3), alpha=0.85)
+        style = dict(
+            marker=markers[n % len(markers)],
+            label=name,
+            linestyle=("-", "--", "-.", ":")[n % 4],
+            markersize=max(9 - 1.5 * n, 3),
+            alpha=0.85,
+        )
         axes[0].plot(layers, [x["parameter_variance"] for x in m["layers"]], **style)
         axes[1].plot(layers, [x["output_variance"] for x in m["layers"]], **style)
     from matplotlib.ticker import MaxNLocator

@@ -5,7 +5,7 @@
 
 Upcycling: `PADMoEConfig.from_base` + `AutoModelFor*.from_pretrained(dense, config=...)`. Partition:
 `partition_model` on the first `--partition_batches` batches of the task's (shuffled) training TSV,
-read with `pad_moe_transformers.glue.load_glue_tsv`. The result is written by `save_pretrained`
+read with `pad_moe_transformers.glue.read_glue_columns`. The result is written by `save_pretrained`
 (compact safetensors once partitioned) together with the tokenizer.
 """
 
@@ -55,38 +55,95 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder.")
 
     pad = parser.add_argument_group("PAD-MoE options")
-    pad.add_argument("--num_experts", type=_common.positive_int, default=8, help="experts per MoE layer (default %(default)s).")
-    pad.add_argument("--top_k", "--num_experts_per_tok", dest="top_k", type=_common.positive_int, default=2,
-                     help="experts selected per token (default %(default)s).")
-    pad.add_argument("--dynamic_ratio", type=_common.ratio, default=0.5,
-                     help="kappa: fraction of each expert weight kept dynamic, in (0, 1] (default %(default)s).")
-    pad.add_argument("--scale_factor_mode", choices=SCALE_FACTOR_MODES, default="sum2",
-                     help="scale factors of eq. 4 (default %(default)s: trainable, l_s + l_d = 2).")
-    pad.add_argument("--granularity", choices=PARTITION_GRANULARITIES, default="element",
-                     help="what one mask entry selects: a weight element or a whole FFN neuron (default %(default)s).")
-    pad.add_argument("--moe_layers", type=_common.int_list, help="comma-separated layer indices to convert (default: all).")
-    pad.add_argument("--head", choices=sorted(HEADS), help="task head of the saved model (default: sequence-classification "
-                     "with --task or --num_labels, else base).")
-    pad.add_argument("--num_labels", type=_common.positive_int, help="labels of the classification head (default: the task's).")
+    pad.add_argument(
+        "--num_experts", type=_common.positive_int, default=8, help="experts per MoE layer (default %(default)s)."
+    )
+    pad.add_argument(
+        "--top_k",
+        "--num_experts_per_tok",
+        dest="top_k",
+        type=_common.positive_int,
+        default=2,
+        help="experts selected per token (default %(default)s).",
+    )
+    pad.add_argument(
+        "--dynamic_ratio",
+        type=_common.ratio,
+        default=0.5,
+        help="kappa: fraction of each expert weight kept dynamic, in (0, 1] (default %(default)s).",
+    )
+    pad.add_argument(
+        "--scale_factor_mode",
+        choices=SCALE_FACTOR_MODES,
+        default="sum2",
+        help="scale factors of eq. 4 (default %(default)s: trainable, l_s + l_d = 2).",
+    )
+    pad.add_argument(
+        "--granularity",
+        choices=PARTITION_GRANULARITIES,
+        default="element",
+        help="what one mask entry selects: a weight element or a whole FFN neuron (default %(default)s).",
+    )
+    pad.add_argument(
+        "--moe_layers", type=_common.int_list, help="comma-separated layer indices to convert (default: all)."
+    )
+    pad.add_argument(
+        "--head",
+        choices=sorted(HEADS),
+        help="task head of the saved model (default: sequence-classification with --task or --num_labels, else base).",
+    )
+    pad.add_argument(
+        "--num_labels", type=_common.positive_int, help="labels of the classification head (default: the task's)."
+    )
 
     part = parser.add_argument_group("mode partition (needs --task and --data_dir)")
     part.add_argument("--task", type=_common.glue_task_name, help="GLUE task: sets the head and the partition data.")
     part.add_argument("--data_dir", help="GLUE root (holding RTE/, CoLA/, ...) or the task's own folder.")
-    part.add_argument("--partition", choices=PARTITION_METHODS,
-                      help="partition method (default: imp when --data_dir is given).")
-    part.add_argument("--partition_batches", type=_common.positive_int, default=10, help="training batches scored (default %(default)s).")
-    part.add_argument("--batch_size", type=_common.positive_int, default=8, help="rows per partition batch (default %(default)s).")
-    part.add_argument("--max_seq_length", type=_common.positive_int, default=128, help="truncation length (default %(default)s).")
-    part.add_argument("--rounds", type=_common.positive_int, default=DEFAULT_ROUNDS, help="IMP rounds (default %(default)s).")
-    part.add_argument("--score", choices=SCORES, default="warmup_grad", help="partition score (default %(default)s; docs/partition.md).")
-    part.add_argument("--scope", choices=SCOPES, default="linear", help="exact ratio per linear, or one global threshold (default %(default)s).")
-    part.add_argument("--seed", type=int, default=0, help="seed of the row shuffle and of the random mask (default %(default)s).")
+    part.add_argument(
+        "--partition", choices=PARTITION_METHODS, help="partition method (default: imp when --data_dir is given)."
+    )
+    part.add_argument(
+        "--partition_batches",
+        type=_common.positive_int,
+        default=10,
+        help="training batches scored (default %(default)s).",
+    )
+    part.add_argument(
+        "--batch_size", type=_common.positive_int, default=8, help="rows per partition batch (default %(default)s)."
+    )
+    part.add_argument(
+        "--max_seq_length", type=_common.positive_int, default=128, help="truncation length (default %(default)s)."
+    )
+    part.add_argument(
+        "--rounds", type=_common.positive_int, default=DEFAULT_ROUNDS, help="IMP rounds (default %(default)s)."
+    )
+    part.add_argument(
+        "--score",
+        choices=SCORES,
+        default="warmup_grad",
+        help="partition score (default %(default)s; docs/partition.md).",
+    )
+    part.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="linear",
+        help="exact ratio per linear, or one global threshold (default %(default)s).",
+    )
+    part.add_argument(
+        "--seed", type=int, default=0, help="seed of the row shuffle and of the random mask (default %(default)s)."
+    )
     part.add_argument("--tokenizer", help="tokenizer path or hub id (default: the source's).")
 
     save = parser.add_argument_group("saving")
-    save.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                      help="dtype of the saved weights (default %(default)s; the router stays fp32).")
-    save.add_argument("--max_shard_size", default="5GB", help="shard the safetensors above this size (default %(default)s).")
+    save.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="dtype of the saved weights (default %(default)s; the router stays fp32).",
+    )
+    save.add_argument(
+        "--max_shard_size", default="5GB", help="shard the safetensors above this size (default %(default)s)."
+    )
     save.add_argument("--json", action="store_true", help="print the summary as JSON.")
     parser.set_defaults(run=run)
     return parser
@@ -105,7 +162,10 @@ def _check_args(args: argparse.Namespace) -> None:
         from ..glue import get_task
 
         if args.num_labels != get_task(args.task).num_labels:
-            raise CLIError(f"--num_labels {args.num_labels} does not match task {args.task} ({get_task(args.task).num_labels} labels).")
+            raise CLIError(
+                f"--num_labels {args.num_labels} does not match task {args.task} "
+                f"({get_task(args.task).num_labels} labels)."
+            )
     if args.head and args.head != "sequence-classification" and args.task:
         raise CLIError(f"--task sets a sequence-classification head; it cannot be combined with --head {args.head}.")
     out = Path(args.output)
@@ -136,18 +196,31 @@ def _partition(model, tokenizer, args: argparse.Namespace):
 
     task = get_task(args.task)
     data = argparse.Namespace(
-        text_file=None, data_dir=args.data_dir, task=args.task, split="train",
-        samples=args.partition_batches * args.batch_size, shuffle=True, seed=args.seed,
+        text_file=None,
+        data_dir=args.data_dir,
+        task=args.task,
+        split="train",
+        samples=args.partition_batches * args.batch_size,
+        shuffle=True,
+        seed=args.seed,
     )
     texts, labels = _common.read_texts(data)
     batches = _common.make_batches(
         tokenizer, texts, labels, args.batch_size, args.max_seq_length, regression=task.is_regression
     )
-    logger.info(f"Partitioning ({args.partition}, kappa={args.dynamic_ratio}) on {len(batches)} batches of "
-                f"{task.name} train ({len(texts)} rows)")
+    logger.info(
+        f"Partitioning ({args.partition}, kappa={args.dynamic_ratio}) on {len(batches)} batches of "
+        f"{task.name} train ({len(texts)} rows)"
+    )
     return partition_model(
-        model, batches, method=args.partition, dynamic_ratio=args.dynamic_ratio, rounds=args.rounds,
-        scope=args.scope, score=args.score, seed=args.seed,
+        model,
+        batches,
+        method=args.partition,
+        dynamic_ratio=args.dynamic_ratio,
+        rounds=args.rounds,
+        scope=args.scope,
+        score=args.score,
+        seed=args.seed,
     )
 
 
@@ -162,18 +235,26 @@ def run(args: argparse.Namespace) -> int:
         args.partition = "imp"
     source, base_config = _common.load_config(args.source, "dense checkpoint")
     if base_config.model_type == PADMoEConfig.model_type:
-        raise CLIError(f"{args.source} is already a PAD-MoE checkpoint; `pad-moe inspect` it, or convert its dense source.")
+        raise CLIError(
+            f"{args.source} is already a PAD-MoE checkpoint; `pad-moe inspect` it, or convert its dense source."
+        )
     head, head_kwargs = _head_kwargs(args)
     extra = {"scale_factor_mode": args.scale_factor_mode, "partition_granularity": args.granularity}
     if args.moe_layers is not None:
         extra["moe_layers"] = args.moe_layers
     config = PADMoEConfig.from_base(
-        base_config, num_experts=args.num_experts, num_experts_per_tok=args.top_k,
-        dynamic_ratio=args.dynamic_ratio, **head_kwargs, **extra,
+        base_config,
+        num_experts=args.num_experts,
+        num_experts_per_tok=args.top_k,
+        dynamic_ratio=args.dynamic_ratio,
+        **head_kwargs,
+        **extra,
     )
     auto_class = getattr(transformers, HEADS[head])
-    logger.info(f"Upcycling {args.source} ({base_config.model_type}) with {auto_class.__name__}: "
-                f"{args.num_experts} experts, top-{args.top_k}")
+    logger.info(
+        f"Upcycling {args.source} ({base_config.model_type}) with {auto_class.__name__}: "
+        f"{args.num_experts} experts, top-{args.top_k}"
+    )
     model = auto_class.from_pretrained(source, config=config)
 
     tokenizer = None
@@ -186,8 +267,10 @@ def run(args: argparse.Namespace) -> int:
             logger.warning(f"{args.source} has no tokenizer; the checkpoint is saved without one.")
     result = _partition(model, tokenizer, args) if args.partition else None
     if result is None:
-        logger.warning("No partition (no --data_dir): the checkpoint is a fully dynamic MoE. Partition it later, e.g. "
-                       "with IMPTrainerCallback in training (docs/partition.md), or convert with --task/--data_dir.")
+        logger.warning(
+            "No partition (no --data_dir): the checkpoint is a fully dynamic MoE. Partition it later, e.g. "
+            "with IMPTrainerCallback in training (docs/partition.md), or convert with --task/--data_dir."
+        )
     if args.dtype != "float32":
         model.to(getattr(torch, args.dtype))
     os.makedirs(args.output, exist_ok=True)
@@ -205,7 +288,9 @@ def run(args: argparse.Namespace) -> int:
         "num_experts": args.num_experts,
         "top_k": args.top_k,
         "granularity": args.granularity,
-        "partition": None if result is None else {
+        "partition": None
+        if result is None
+        else {
             "method": args.partition,
             "task": args.task,
             "target_dynamic_ratio": args.dynamic_ratio,
@@ -213,7 +298,11 @@ def run(args: argparse.Namespace) -> int:
             "batches": result.metadata.get("num_batches"),
             "seconds": round(result.seconds, 2),
         },
-        "parameters": {"total": report.total, "moe_equivalent": report.moe_equivalent, "dense_equivalent": report.dense_equivalent},
+        "parameters": {
+            "total": report.total,
+            "moe_equivalent": report.moe_equivalent,
+            "dense_equivalent": report.dense_equivalent,
+        },
         "bytes_on_disk": checkpoint_file_bytes(args.output),
         "bytes_theory": theory["total_bytes"],
         "tokenizer_saved": tokenizer is not None,
@@ -226,11 +315,19 @@ def run(args: argparse.Namespace) -> int:
         lines.append("  partition: none (fully dynamic MoE)")
     else:
         part = summary["partition"]
-        lines.append(f"  partition: {part['method']} on {part['task']} train, {part['batches']} batches, "
-                     f"kappa {part['target_dynamic_ratio']} -> achieved {part['achieved_dynamic_ratio']:.4f} ({part['seconds']} s)")
-    lines.append(f"  parameters: {_common.human_count(report.total)} (MoE {_common.human_count(report.moe_equivalent)}, "
-                 f"dense {_common.human_count(report.dense_equivalent)})")
-    lines.append(f"  on disk: {_common.human_bytes(summary['bytes_on_disk'])} (theory {_common.human_bytes(summary['bytes_theory'])})")
+        lines.append(
+            f"  partition: {part['method']} on {part['task']} train, {part['batches']} batches, "
+            f"kappa {part['target_dynamic_ratio']} -> achieved {part['achieved_dynamic_ratio']:.4f} "
+            f"({part['seconds']} s)"
+        )
+    lines.append(
+        f"  parameters: {_common.human_count(report.total)} (MoE {_common.human_count(report.moe_equivalent)}, "
+        f"dense {_common.human_count(report.dense_equivalent)})"
+    )
+    lines.append(
+        f"  on disk: {_common.human_bytes(summary['bytes_on_disk'])} "
+        f"(theory {_common.human_bytes(summary['bytes_theory'])})"
+    )
     lines.append(f"  inspect it with: pad-moe inspect {args.output}")
     _common.stdout_write("\n".join(lines))
     return 0

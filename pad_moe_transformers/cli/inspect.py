@@ -37,7 +37,11 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
     )
     parser.add_argument("path", help="PAD-MoE checkpoint: a local folder or a hub id.")
     parser.add_argument("--json", action="store_true", help="print everything as one JSON object instead of tables.")
-    parser.add_argument("--plot", metavar="FILE", help="write heatmaps of the dynamic ratios (and expert usage) to FILE (.png/.pdf/.svg; needs matplotlib).")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="write heatmaps of the dynamic ratios (and expert usage) to FILE (.png/.pdf/.svg; needs matplotlib).",
+    )
     _common.add_data_arguments(parser, split_default=None, samples_default=64)
     parser.set_defaults(run=run)
     return parser
@@ -59,52 +63,63 @@ def tensor_bytes(files: list[str]) -> tuple[dict[str, int], int]:
     return sizes, headers
 
 
-def _neuron_density(moe) -> torch.Tensor:
+def pad_layers(model) -> dict[int, dict[str, Any]]:
+    """`{layer: {"fc_in": ref, "fc_out": ref}}` of the model's PAD linears (from `core.named_pad_linears`)."""
+    from ..core import named_pad_linears
+
+    layers: dict[int, dict[str, Any]] = {}
+    for ref in named_pad_linears(model):
+        layers.setdefault(ref.layer, {})[ref.role] = ref
+    return layers
+
+
+def _neuron_density(linears: dict[str, Any]) -> torch.Tensor:
     """`(I,)` dynamic fraction of each intermediate neuron: its fc_in row and fc_out column together."""
-    fc_in, fc_out = moe.fc_in.mask, moe.fc_out.mask
+    fc_in, fc_out = linears["fc_in"].module.mask, linears["fc_out"].module.mask
     return (fc_in.sum(dim=1) + fc_out.sum(dim=0)).double() / (fc_in.shape[1] + fc_out.shape[0])
 
 
 def collect(path: str, model, usage: dict[int, list[int]] | None = None, usage_samples: int = 0) -> dict[str, Any]:
     """Everything `inspect` shows, as a JSON-serialisable dict."""
     from ..checkpoint import checkpoint_layout, resolve_checkpoint_files, theoretical_checkpoint_size
-    from ..pad_linear import PADExpertLinear
 
     config = model.config
     files, _ = resolve_checkpoint_files(path)
     sizes, header_bytes = tensor_bytes(files)
-    names = {id(m): n for n, m in model.named_modules() if isinstance(m, PADExpertLinear)}
     report = {(row.layer, row.linear): row for row in model.parameter_report().layers}
     linears, layers, pad_bytes = [], [], 0
-    for index, moe in model.named_pad_layers():
-        density = _neuron_density(moe)
-        layers.append({
-            "layer": index,
-            "neurons": int(density.numel()),
-            "neuron_density_min": float(density.min()),
-            "neuron_density_median": float(density.median()),
-            "neuron_density_max": float(density.max()),
-            "neurons_all_dynamic": int((density == 1).sum()),
-            "neurons_all_static": int((density == 0).sum()),
-        })
-        for name, linear in moe.pad_linears().items():
-            prefix = names[id(linear)] + "."
-            on_disk = sum(v for k, v in sizes.items() if k.startswith(prefix))
-            pad_bytes += on_disk
-            l_s, l_d = linear.scale_factors()
-            row = report[(index, name)]
-            linears.append({
+    for index, refs in pad_layers(model).items():
+        density = _neuron_density(refs)
+        layers.append(
+            {
                 "layer": index,
-                "linear": name,
-                "shape": [linear.out_features, linear.in_features],
-                "dynamic_ratio": row.dynamic_ratio,
-                "l_s": float(l_s.detach()),
-                "l_d": float(l_d.detach()),
-                "dynamic": row.dynamic,
-                "static": row.static,
-                "other": row.other,
-                "bytes_on_disk": on_disk,
-            })
+                "neurons": int(density.numel()),
+                "neuron_density_min": float(density.min()),
+                "neuron_density_median": float(density.median()),
+                "neuron_density_max": float(density.max()),
+                "neurons_all_dynamic": int((density == 1).sum()),
+                "neurons_all_static": int((density == 0).sum()),
+            }
+        )
+        for role, ref in refs.items():
+            on_disk = sum(v for k, v in sizes.items() if k.startswith(ref.name + "."))
+            pad_bytes += on_disk
+            l_s, l_d = ref.module.scale_factors()
+            row = report[(index, role)]
+            linears.append(
+                {
+                    "layer": index,
+                    "linear": role,
+                    "shape": [ref.module.out_features, ref.module.in_features],
+                    "dynamic_ratio": row.dynamic_ratio,
+                    "l_s": float(l_s.detach()),
+                    "l_d": float(l_d.detach()),
+                    "dynamic": row.dynamic,
+                    "static": row.static,
+                    "other": row.other,
+                    "bytes_on_disk": on_disk,
+                }
+            )
     params = model.parameter_report().to_dict()
     params.pop("layers")
     partition = config.partition
@@ -119,9 +134,19 @@ def collect(path: str, model, usage: dict[int, list[int]] | None = None, usage_s
         "scale_factor_mode": config.scale_factor_mode,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "layout": checkpoint_layout(model),
-        "partition": None if partition is None else {
+        "partition": None
+        if partition is None
+        else {
             k: partition.get(k)
-            for k in ("method", "score", "scope", "target_dynamic_ratio", "achieved_dynamic_ratio_total", "num_batches", "rounds")
+            for k in (
+                "method",
+                "score",
+                "scope",
+                "target_dynamic_ratio",
+                "achieved_dynamic_ratio_total",
+                "num_batches",
+                "rounds",
+            )
         },
         "parameters": params,
         "bytes_on_disk": {
@@ -134,7 +159,9 @@ def collect(path: str, model, usage: dict[int, list[int]] | None = None, usage_s
         },
         "linears": linears,
         "layers": layers,
-        "expert_usage": None if usage is None else {
+        "expert_usage": None
+        if usage is None
+        else {
             "samples": usage_samples,
             "tokens": int(sum(next(iter(usage.values()), [])) // max(config.num_experts_per_tok, 1)),
             "counts": {str(k): v for k, v in usage.items()},
@@ -162,11 +189,16 @@ def render(info: dict[str, Any]) -> str:
     part = info["partition"]
     params, disk = info["parameters"], info["bytes_on_disk"]
     lines = [
-        f"{info['path']}: {info['class']} ({info['base_model_type']}), {info['num_experts']} experts, top-{info['top_k']}, "
+        f"{info['path']}: {info['class']} ({info['base_model_type']}), {info['num_experts']} experts, "
+        f"top-{info['top_k']}, "
         f"granularity {info['granularity']}, scale factors {info['scale_factor_mode']}, {info['dtype']}",
-        "partition: " + ("none (fully dynamic MoE)" if part is None else
-                         f"{part['method']}, kappa {part['target_dynamic_ratio']} (achieved "
-                         f"{part['achieved_dynamic_ratio_total']:.4f}), {part['num_batches']} batches"),
+        "partition: "
+        + (
+            "none (fully dynamic MoE)"
+            if part is None
+            else f"{part['method']}, kappa {part['target_dynamic_ratio']} (achieved "
+            f"{part['achieved_dynamic_ratio_total']:.4f}), {part['num_batches']} batches"
+        ),
         f"parameters: {h.human_count(params['total'])} total ({h.human_count(params['dynamic'])} dynamic, "
         f"{h.human_count(params['static'])} static); MoE equivalent {h.human_count(params['moe_equivalent'])}, "
         f"dense {h.human_count(params['dense_equivalent'])}",
@@ -176,18 +208,37 @@ def render(info: dict[str, Any]) -> str:
         "",
     ]
     rows = [
-        [r["layer"], r["linear"], "x".join(map(str, r["shape"])), f"{r['dynamic_ratio']:.4f}", f"{r['l_s']:.4f}",
-         f"{r['l_d']:.4f}", f"{r['dynamic']:,}", f"{r['static']:,}", h.human_bytes(r["bytes_on_disk"])]
+        [
+            r["layer"],
+            r["linear"],
+            "x".join(map(str, r["shape"])),
+            f"{r['dynamic_ratio']:.4f}",
+            f"{r['l_s']:.4f}",
+            f"{r['l_d']:.4f}",
+            f"{r['dynamic']:,}",
+            f"{r['static']:,}",
+            h.human_bytes(r["bytes_on_disk"]),
+        ]
         for r in info["linears"]
     ]
-    lines.append(h.format_table(
-        ["layer", "linear", "shape", "dynamic", "l_s", "l_d", "params dynamic", "params static", "on disk"], rows,
-        right=[False, False, False, True, True, True, True, True, True],
-    ))
+    lines.append(
+        h.format_table(
+            ["layer", "linear", "shape", "dynamic", "l_s", "l_d", "params dynamic", "params static", "on disk"],
+            rows,
+            right=[False, False, False, True, True, True, True, True, True],
+        )
+    )
     lines.append("")
     rows = [
-        [r["layer"], r["neurons"], f"{r['neuron_density_min']:.3f}", f"{r['neuron_density_median']:.3f}",
-         f"{r['neuron_density_max']:.3f}", r["neurons_all_dynamic"], r["neurons_all_static"]]
+        [
+            r["layer"],
+            r["neurons"],
+            f"{r['neuron_density_min']:.3f}",
+            f"{r['neuron_density_median']:.3f}",
+            f"{r['neuron_density_max']:.3f}",
+            r["neurons_all_dynamic"],
+            r["neurons_all_static"],
+        ]
         for r in info["layers"]
     ]
     lines.append("neuron density (dynamic fraction of a neuron's fc_in row and fc_out column):")
@@ -197,7 +248,10 @@ def render(info: dict[str, Any]) -> str:
     if usage is None:
         lines.append("expert usage: not recorded (pass --task/--data_dir or --text_file to route samples).")
     else:
-        lines.append(f"expert usage: share of the top-k slots per expert (%), {usage['samples']} samples, {usage['tokens']:,} tokens:")
+        lines.append(
+            f"expert usage: share of the top-k slots per expert (%), {usage['samples']} samples, "
+            f"{usage['tokens']:,} tokens:"
+        )
         rows = []
         for layer, counts in usage["counts"].items():
             total = max(sum(counts), 1)
@@ -211,14 +265,20 @@ def plot(info: dict[str, Any], model, path: str) -> None:
     plt = _common.pyplot()
     import numpy as np
 
-    layers = [index for index, _ in model.named_pad_layers()]
+    by_layer = pad_layers(model)
+    layers = list(by_layer)
     ratios = np.array([[r["dynamic_ratio"] for r in info["linears"] if r["layer"] == i] for i in layers])
-    density = np.stack([_neuron_density(moe).numpy() for _, moe in model.named_pad_layers()])
+    density = np.stack([_neuron_density(refs).numpy() for refs in by_layer.values()])
     usage = info["expert_usage"]
     panels = 3 if usage is not None else 2
     widths = [1.2, 5.0] + ([2.0] if usage is not None else [])
-    fig, axes = plt.subplots(1, panels, figsize=(sum(widths) + 2.5, max(3.0, 1.4 + 0.4 * len(layers))),
-                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        panels,
+        figsize=(sum(widths) + 2.5, max(3.0, 1.4 + 0.4 * len(layers))),
+        gridspec_kw={"width_ratios": widths},
+        squeeze=False,
+    )
     axes = axes[0]
     image = axes[0].imshow(ratios, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     axes[0].set_xticks(range(ratios.shape[1]), ["fc_in", "fc_out"][: ratios.shape[1]])
@@ -226,7 +286,9 @@ def plot(info: dict[str, Any], model, path: str) -> None:
     axes[0].set_ylabel("layer")
     axes[0].set_title("dynamic ratio", fontsize=9)
     for (y, x), value in np.ndenumerate(ratios):
-        axes[0].text(x, y, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+        axes[0].text(
+            x, y, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8
+        )
     axes[1].imshow(density, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
     axes[1].set_yticks(range(len(layers)), layers)
     axes[1].set_xlabel("FFN neuron")
@@ -242,8 +304,11 @@ def plot(info: dict[str, Any], model, path: str) -> None:
         axes[2].set_title(f"expert usage ({usage['tokens']:,} tokens)", fontsize=9)
         fig.colorbar(usage_image, ax=axes[2], fraction=0.05, pad=0.02)
     part = info["partition"]
-    fig.suptitle(f"{info['path']} - " + ("not partitioned" if part is None else
-                 f"{part['method']}, kappa {part['target_dynamic_ratio']}"), fontsize=10)
+    fig.suptitle(
+        f"{info['path']} - "
+        + ("not partitioned" if part is None else f"{part['method']}, kappa {part['target_dynamic_ratio']}"),
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
