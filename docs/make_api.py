@@ -23,13 +23,30 @@ API_MD = Path(__file__).resolve().parent / "api.md"
 
 MODULES = [
     ("pad_moe_transformers", "Configuration, models, layers, and the names re-exported from the sub-packages."),
-    ("pad_moe_transformers.partition", "Mode partition: IMP / MP / Random / MoE-P, scores, post-processing ([partition.md](partition.md))."),
+    ("pad_moe_transformers.core", "The PAD core that every dynamic function shares (MoE experts now)."),
+    (
+        "pad_moe_transformers.partition",
+        "Mode partition: IMP / MP / Random / MoE-P, scores, post-processing ([partition.md](partition.md)).",
+    ),
     ("pad_moe_transformers.callbacks", "Partition inside `Trainer.train()`."),
-    ("pad_moe_transformers.checkpoint", "Compact safetensors checkpoints ([checkpoint_format.md](checkpoint_format.md))."),
+    (
+        "pad_moe_transformers.checkpoint",
+        "Compact safetensors checkpoints ([checkpoint_format.md](checkpoint_format.md)).",
+    ),
     ("pad_moe_transformers.modelcard", "The generated model card."),
-    ("pad_moe_transformers.glue", "GLUE task table, TSV reader, metrics ([glue.md](glue.md))."),
-    ("pad_moe_transformers.training", "Optimizer groups with their own learning rate for routers and scale factors ([glue.md](glue.md))."),
-    ("pad_moe_transformers.analysis", "Dynamic-property measures ([concepts.md](concepts.md#dynamic-property-paper-figure-6))."),
+    (
+        "pad_moe_transformers.glue",
+        "GLUE task table, TSV reader, metrics, for the examples and the CLI; the library never imports it "
+        "([glue.md](glue.md)).",
+    ),
+    (
+        "pad_moe_transformers.training",
+        "Optimizer groups with their own learning rate for routers and scale factors ([glue.md](glue.md)).",
+    ),
+    (
+        "pad_moe_transformers.analysis",
+        "Dynamic-property measures ([concepts.md](concepts.md#dynamic-property-paper-figure-6)).",
+    ),
     ("pad_moe_transformers.cli", "The `pad-moe` command line ([cli.md](cli.md))."),
 ]
 
@@ -45,7 +62,11 @@ later modules list them under "also exported".
 def _public_names(module) -> list[str]:
     names = getattr(module, "__all__", None)
     if names is None:
-        names = [n for n, obj in vars(module).items() if not n.startswith("_") and getattr(obj, "__module__", None) == module.__name__]
+        names = [
+            n
+            for n, obj in vars(module).items()
+            if not n.startswith("_") and getattr(obj, "__module__", None) == module.__name__
+        ]
     return list(names)
 
 

@@ -2,12 +2,26 @@
 
 Importing the package registers the `pad_moe` model type with the Transformers Auto classes, so
 `AutoConfig` / `AutoModel*` `.from_pretrained` load PAD-MoE checkpoints without `trust_remote_code`.
+
+The names that need the Trainer stack (`IMPTrainerCallback`, the optimizer-group helpers of
+`training.py`) are imported on first access (PEP 562), so that `import pad_moe_transformers` (and the
+`pad-moe` command) does not load `transformers.trainer`, `datasets`, `pandas` or `pyarrow`.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from transformers import AutoConfig
 
+from ._version import __version__
 from .architectures import PAD_FFN_LAYOUTS, FFNLayout
+from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
+from .checkpoint import PADCheckpointError, theoretical_checkpoint_size
 from .configuration_pad_moe import SCALE_FACTOR_MODES, PADMoEConfig
+from .conversion import convert_ffn_to_pad_moe
+from .modelcard import build_model_card
 from .modeling_pad_moe import (
     PAD_MODEL_CLASSES,
     PADMoEForMaskedLM,
@@ -17,22 +31,37 @@ from .modeling_pad_moe import (
     PADMoEModel,
     PADMoEPreTrainedModel,
     ParameterReport,
-    convert_ffn_to_pad_moe,
 )
 from .moe import PADMoEFeedForward
 from .pad_linear import PADExpertLinear
+from .partition import (
+    PartitionResult,
+    apply_partition,
+    attach_moe_p_constraints,
+    moe_p_prune,
+    partition_model,
+    perturb_experts,
+)
 from .router import TopKRouter, load_balancing_loss, router_z_loss
-
-__version__ = "0.1.0"
 
 AutoConfig.register(PADMoEConfig.model_type, PADMoEConfig, exist_ok=True)
 for _auto_class, _pad_class in PAD_MODEL_CLASSES.items():
     _auto_class.register(PADMoEConfig, _pad_class, exist_ok=True)
 
+# Public names whose modules import the Trainer stack: name -> module, imported on first access.
+_LAZY = {
+    "IMPTrainerCallback": ".callbacks",  # partition inside Trainer.train()
+    "pad_optimizer_cls_and_kwargs": ".training",  # own lr for routers and scale factors
+    "pad_optimizer_grouped_parameters": ".training",
+}
+
 __all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
     "PAD_FFN_LAYOUTS",
     "SCALE_FACTOR_MODES",
     "FFNLayout",
+    "IMPTrainerCallback",
+    "PADCheckpointError",
     "PADExpertLinear",
     "PADMoEConfig",
     "PADMoEFeedForward",
@@ -43,41 +72,31 @@ __all__ = [
     "PADMoEModel",
     "PADMoEPreTrainedModel",
     "ParameterReport",
-    "TopKRouter",
-    "convert_ffn_to_pad_moe",
-    "load_balancing_loss",
-    "router_z_loss",
-]
-
-# Mode partition (paper sec. 4.2) and its Trainer callback.
-from .callbacks import IMPTrainerCallback  # noqa: E402
-from .partition import (  # noqa: E402
-    PartitionResult,
-    apply_partition,
-    attach_moe_p_constraints,
-    moe_p_prune,
-    partition_model,
-    perturb_experts,
-)
-
-__all__ += [
-    "IMPTrainerCallback",
     "PartitionResult",
+    "TopKRouter",
+    "__version__",
     "apply_partition",
     "attach_moe_p_constraints",
+    "build_model_card",
+    "convert_ffn_to_pad_moe",
+    "load_balancing_loss",
     "moe_p_prune",
+    "pad_optimizer_cls_and_kwargs",
+    "pad_optimizer_grouped_parameters",
     "partition_model",
     "perturb_experts",
+    "router_z_loss",
+    "theoretical_checkpoint_size",
 ]
 
-# Compact PAD checkpoints and generated model cards (docs/checkpoint_format.md).
-from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION  # noqa: E402
-from .checkpoint import PADCheckpointError, theoretical_checkpoint_size  # noqa: E402
-from .modelcard import build_model_card  # noqa: E402
 
-__all__ += ["CHECKPOINT_FORMAT_VERSION", "PADCheckpointError", "build_model_card", "theoretical_checkpoint_size"]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-# Optimizer groups with their own lr for routers and scale factors (pad_moe_transformers/training.py).
-from .training import pad_optimizer_cls_and_kwargs, pad_optimizer_grouped_parameters  # noqa: E402
 
-__all__ += ["pad_optimizer_cls_and_kwargs", "pad_optimizer_grouped_parameters"]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -40,15 +40,20 @@ class _StderrHandler(std_logging.StreamHandler):
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("output")
-    group.add_argument("-v", "--verbose", action="count", default=0,
-                       help="more log output (-v: debug messages and Transformers' info; -vv: also tracebacks).")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more log output (-v: debug messages and Transformers' info; -vv: also tracebacks).",
+    )
     group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars.")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `pad-moe` parser with its `convert`, `inspect` and `analyze` subcommands."""
-    from .. import __version__
+    from .._version import __version__
     from . import analyze, convert, inspect
 
     parser = argparse.ArgumentParser(
