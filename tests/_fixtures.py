@@ -43,7 +43,8 @@ def write_glue_tsvs(root: Path, words: Sequence[str], train_rows: int, dev_rows:
     for split, rows in (("train", train_rows), ("dev", dev_rows)):
         lines = ["index\tsentence1\tsentence2\tlabel"]
         lines += [
-            f"{i}\t{fixture_sentence(words, i)}\t{fixture_sentence(words, i + 1, 3)}\t{'entailment' if i % 2 else 'not_entailment'}"
+            f"{i}\t{fixture_sentence(words, i)}\t{fixture_sentence(words, i + 1, 3)}\t"
+            f"{'entailment' if i % 2 else 'not_entailment'}"
             for i in range(rows)
         ]
         (root / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")

@@ -77,7 +77,9 @@ def parse_blocks(text: str, page: Path) -> list[Block]:
             i += 1
         previous = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
         marker = SKIP_MARKER.search(previous)
-        blocks.append(Block(page, start + 1, language, "\n".join(body) + "\n", marker.group("reason").strip() if marker else None))
+        blocks.append(
+            Block(page, start + 1, language, "\n".join(body) + "\n", marker.group("reason").strip() if marker else None)
+        )
         i += 1
     return blocks
 
@@ -245,8 +247,10 @@ def test_pages_have_code_and_markers_are_rare():
 
 
 def test_extractors():
-    text = ("text\n<!-- docs-test: skip (needs the hub) -->\n```python\nx = 1\n```\n```bash\n"
-            "pip install x  # not run\npad-moe inspect out \\\n    --json  # comment\n```\n")
+    text = (
+        "text\n<!-- docs-test: skip (needs the hub) -->\n```python\nx = 1\n```\n```bash\n"
+        "pip install x  # not run\npad-moe inspect out \\\n    --json  # comment\n```\n"
+    )
     blocks = parse_blocks(text, Path("inline.md"))
     assert [(b.language, b.skip, b.line) for b in blocks] == [("python", "needs the hub", 3), ("bash", None, 6)]
     assert pad_moe_commands(blocks[1].code) == ["pad-moe inspect out      --json"]
@@ -302,7 +306,9 @@ def test_api_reference_is_current():
     spec.loader.exec_module(module)
     current, page = module.render(), (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     # Names, signatures and members must match the code; reworded docstring summaries are tolerated.
-    assert module.skeleton(page) == module.skeleton(current), "docs/api.md is out of date: run `python docs/make_api.py`"
+    assert module.skeleton(page) == module.skeleton(current), (
+        "docs/api.md is out of date: run `python docs/make_api.py`"
+    )
     assert len(module.skeleton(current)) > 100
 
 
@@ -310,10 +316,14 @@ def test_benchmarks_checkpoint_table_matches_json():
     data = json.loads((ROOT / "benchmarks" / "results" / "checkpoint_size.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
     text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
-    names = {"dense": "dense", "moe": "MoE", **{f"pad_kappa_{k}": f"PAD, kappa = {k}" for k in ("0.7", "0.5", "0.3", "0.1")}}
+    names = {
+        "dense": "dense",
+        "moe": "MoE",
+        **{f"pad_kappa_{k}": f"PAD, kappa = {k}" for k in ("0.7", "0.5", "0.3", "0.1")},
+    }
     for key, label in names.items():
         row = rows[key]
-        line = next(l for l in text.splitlines() if l.startswith(f"| {label} |"))
+        line = next(row_text for row_text in text.splitlines() if row_text.startswith(f"| {label} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[1] == f"{row['parameters'] / 1e6:.2f}M", line
         assert cells[2] == f"{row['bytes_fp32'] / 1e6:.1f} MB" and cells[3] == f"{row['bytes_bf16'] / 1e6:.1f} MB", line
