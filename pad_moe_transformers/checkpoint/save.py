@@ -20,25 +20,30 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from transformers.utils.hub import convert_file_size_to_int
 
+from ..core import named_pad_linears
+from ..modelcard import has_foreign_readme, load_eval_results, write_model_card
 from .codec import compact_state_dict
 from .format import (
+    FORMAT_VERSION,
     METADATA_LAYOUT,
     METADATA_LINEARS,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     add_variant,
     linear_shape,
-    pad_linear_modules,
     pad_prefix_of,
     weights_stem,
 )
+from .hub import create_repo, default_commit_message, upload_files
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -54,28 +59,37 @@ class SavedCheckpoint:
     """Number of stored values (every element of every tensor except the packed mask bytes)."""
 
 
-def _parse_size(size: int | str) -> int:
-    from transformers.utils.hub import convert_file_size_to_int
-
-    return convert_file_size_to_int(size)
-
-
-def _group_for_sharding(tensors: Mapping[str, Tensor], linear_prefixes: Iterable[str]) -> list[list[str]]:
-    """Tensor names grouped so that all tensors of one PAD linear land in the same shard (each shard
-    can then be decoded on its own, e.g. by `load_state_dict` shard by shard)."""
-    prefixes = set(linear_prefixes)
-    groups: list[list[str]] = []
-    index_of: dict[str, int] = {}
+def _shard(
+    tensors: Mapping[str, Tensor], linears: Mapping[str, Any], max_shard_size: int | str, weights_name: str
+) -> dict[str, list[str]]:
+    """`{file name: tensor names}`: `huggingface_hub`'s splitter (state-dict order, a new shard when the next entry
+    would pass `max_shard_size`, an entry larger than that alone in its own shard) run on one entry per PAD linear
+    (all its tensors) or other tensor, so that a PAD linear never straddles two shards and each shard decodes on
+    its own (e.g. by `load_state_dict` shard by shard). Sizes are parsed as Transformers parses them."""
+    groups: dict[str, list[str]] = {}
     for key in tensors:
-        prefix = pad_prefix_of(key, prefixes)
-        if prefix is None:
-            groups.append([key])
-        elif prefix in index_of:
-            groups[index_of[prefix]].append(key)
-        else:
-            index_of[prefix] = len(groups)
-            groups.append([key])
-    return groups
+        groups.setdefault(pad_prefix_of(key, linears) or key, []).append(key)
+    split = split_state_dict_into_shards_factory(
+        groups,
+        get_storage_size=lambda keys: sum(tensors[k].nbytes for k in keys),
+        filename_pattern=weights_stem(weights_name) + "{suffix}.safetensors",
+        max_shard_size=convert_file_size_to_int(max_shard_size),
+    )
+    return {name: [k for e in entries for k in groups[e]] for name, entries in split.filename_to_tensors.items()}
+
+
+def _sort_header_metadata(path: str) -> None:
+    """Sort the `__metadata__` keys of a safetensors file in place (the header keeps its length), so that saving the
+    same model twice gives the same bytes (the Hub then sees an unchanged file)."""
+    # Raw header bytes: safetensors writes `__metadata__` from a hash map, in random order, and cannot sort it.
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= length:
+            f.seek(8)
+            f.write(canonical.ljust(length, b" "))
 
 
 # --------------------------------------------------------------------------------------------- staging
@@ -110,9 +124,12 @@ def _staging_directory(save_directory: str) -> Iterator[str]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _commit(staging: str, save_directory: str, names: list[str], stale_weights: tuple[str, set[str]] | None) -> None:
+def _commit(
+    staging: str, save_directory: str, names: list[str], stale_weights: tuple[str, set[str]] | None
+) -> list[str]:
     """Move the staged files `names` into `save_directory` (in that order, each with an atomic `os.replace`),
-    then remove stale weight files of an earlier save and staging directories left by killed saves."""
+    then remove stale weight files of an earlier save and staging directories left by killed saves.
+    Returns the names of every file moved."""
     names = list(names) + sorted(set(os.listdir(staging)) - set(names))  # anything else written there, last
     for name in names:
         os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
@@ -122,6 +139,7 @@ def _commit(staging: str, save_directory: str, names: list[str], stale_weights: 
         path = os.path.join(save_directory, entry)
         if entry.startswith(STAGING_PREFIX) and path != staging and os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
+    return names
 
 
 def save_checkpoint_files(
@@ -140,14 +158,17 @@ def save_checkpoint_files(
     save_directory = os.fspath(save_directory)
     _writable_directory(save_directory)
     with _staging_directory(save_directory) as staging:
-        staged = _write_checkpoint_files(model, staging, state_dict=state_dict, max_shard_size=max_shard_size, variant=variant)
+        staged = _write_checkpoint_files(
+            model, staging, state_dict=state_dict, max_shard_size=max_shard_size, variant=variant
+        )
         _commit(staging, save_directory, _names(staged), _stale_rule(staged, variant))
     return _relocated(staged, staging, save_directory)
 
 
 def _names(saved: SavedCheckpoint) -> list[str]:
     """The weight files in commit order: shards first, then the index that points at them."""
-    return [os.path.basename(f) for f in saved.files] + ([os.path.basename(saved.index_file)] if saved.index_file else [])
+    index = [os.path.basename(saved.index_file)] if saved.index_file else []
+    return [os.path.basename(f) for f in saved.files] + index
 
 
 def _stale_rule(saved: SavedCheckpoint, variant: str | None) -> tuple[str, set[str]]:
@@ -174,36 +195,18 @@ def _write_checkpoint_files(
 ) -> SavedCheckpoint:
     """Write the weight files into `save_directory` (a fresh staging directory)."""
     tensors, metadata = compact_state_dict(model, state_dict)
-    linears = pad_linear_modules(model)
-    limit = _parse_size(max_shard_size)
-    shards: list[list[str]] = [[]]
-    shard_bytes = 0
-    for group in _group_for_sharding(tensors, linears):
-        size = sum(tensors[k].nbytes for k in group)
-        if shards[-1] and shard_bytes + size > limit:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].extend(group)
-        shard_bytes += size
-
-    weights_name = add_variant(WEIGHTS_NAME, variant)
-    if len(shards) == 1:
-        names = [weights_name]
-    else:
-        stem = weights_stem(weights_name)
-        names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-
+    linears = {ref.name + ".": ref.module for ref in named_pad_linears(model)}
+    shards = _shard(tensors, linears, max_shard_size, add_variant(WEIGHTS_NAME, variant))
     files = []
     weight_map = {}
-    for name, keys in zip(names, shards):
+    for name, keys in shards.items():
         shard_linears = {
-            prefix[:-1]: linear_shape(linears[prefix])
-            for prefix in {pad_prefix_of(k, linears) for k in keys} - {None}
+            prefix[:-1]: linear_shape(linears[prefix]) for prefix in {pad_prefix_of(k, linears) for k in keys} - {None}
         }
         shard_metadata = dict(metadata, **{METADATA_LINEARS: json.dumps(shard_linears, sort_keys=True)})
         path = os.path.join(save_directory, name)
         save_file({k: tensors[k] for k in keys}, path, metadata=shard_metadata)
-        _canonicalize_header(path)
+        _sort_header_metadata(path)
         files.append(path)
         weight_map.update(dict.fromkeys(keys, name))
 
@@ -218,21 +221,6 @@ def _write_checkpoint_files(
             json.dump({"metadata": index_metadata, "weight_map": weight_map}, f, indent=2, sort_keys=True)
             f.write("\n")
     return SavedCheckpoint(files, index_file, metadata[METADATA_LAYOUT], total_size, stored_values)
-
-
-def _canonicalize_header(path: str) -> None:
-    """Sort the header metadata keys in place (safetensors writes them in hash order), so that saving
-    the same model twice gives the same bytes (the Hub then sees an unchanged file)."""
-    with open(path, "r+b") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(header_len)
-        header = json.loads(raw)
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(canonical) <= header_len and raw.rstrip(b" ") != canonical:
-            f.seek(8)
-            f.write(canonical.ljust(header_len, b" "))
 
 
 def _remove_stale_weight_files(directory: str, weights_name: str, keep: set[str]) -> None:
@@ -263,12 +251,13 @@ def save_pad_pretrained(
     token: str | bool | None = None,
     **kwargs: Any,
 ) -> SavedCheckpoint | None:
-    """`PADMoEPreTrainedModel.save_pretrained`: config, compact safetensors weights and model card,
-    then, with `push_to_hub=True`, the upload of the changed files through `huggingface_hub`
-    (`create_repo` + `create_commit`), exactly as `PreTrainedModel.save_pretrained` does.
+    """`PADMoEPreTrainedModel.save_pretrained`: config, compact safetensors weights and model card; with
+    `push_to_hub=True` the files this save wrote are then committed to the Hub repo `repo_id` (default: the
+    directory's name), as `PreTrainedModel.save_pretrained` does (`commit_message`, `create_pr`; the other
+    keywords go to `HfApi.create_repo`).
 
     Extra keywords: `model_card` (default True: write README.md), `base_model`, `eval_results`
-    (a `{metric: value}` dict) and `tags` for the card; the rest go to `create_repo` like in Transformers.
+    (a `{metric: value}` dict) and `tags` for the card.
     """
     card = {k: kwargs.pop(k) for k in _CARD_KWARGS if k in kwargs}
     if kwargs.pop("safe_serialization", True) is False:
@@ -278,57 +267,36 @@ def save_pad_pretrained(
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
         raise ValueError(f"save_pretrained needs a directory, {save_directory!r} is a file.")
-    if is_main_process:
-        _writable_directory(save_directory)
+    if not is_main_process:
+        return None
+    _writable_directory(save_directory)
 
     repo_id = None
-    if push_to_hub and is_main_process:
-        commit_message = kwargs.pop("commit_message", None)
-        repo_id = kwargs.pop("repo_id", save_directory.rstrip(os.sep).split(os.sep)[-1])
+    if push_to_hub:
+        commit_message = kwargs.pop("commit_message", None) or default_commit_message(model)
         create_pr = kwargs.pop("create_pr", False)
-        from .hub import create_repo  # hub.py imports this module
-
-        repo_id = create_repo(repo_id, **kwargs)
-        files_timestamps = model._get_files_timestamps(save_directory)
+        repo_id = create_repo(kwargs.pop("repo_id", save_directory.rstrip(os.sep).split(os.sep)[-1]), **kwargs)
 
     card_repo_id = card.pop("card_repo_id", repo_id)
-    saved = None
-    if is_main_process:
-        model.config.dtype = str(model.dtype).split(".")[1]
-        model.config.architectures = [type(model).__name__]
-        with _staging_directory(save_directory) as staging:
-            # Everything is written into `staging` first and moved into place only when complete.
-            model.config.save_pretrained(staging)
-            staged = _write_checkpoint_files(
-                model, staging, state_dict=state_dict, max_shard_size=max_shard_size, variant=variant
-            )
-            names = _names(staged) + ["config.json"]
-            if card.pop("model_card", True):
-                from ..modelcard import GENERATED_MARKER, load_eval_results, write_model_card
-
-                readme = os.path.join(save_directory, "README.md")
-                hand_written = False
-                if os.path.isfile(readme):
-                    with open(readme, encoding="utf-8") as f:
-                        hand_written = GENERATED_MARKER not in f.read()
-                if not hand_written:  # a README not generated by this package is never overwritten
-                    if card.get("eval_results") is None:
-                        card["eval_results"] = load_eval_results(save_directory)
-                    write_model_card(
-                        model, staging, repo_id=card_repo_id, layout=staged.layout, state_dict=state_dict, **card
-                    )
-                    names.append("README.md")
-            _commit(staging, save_directory, names, _stale_rule(staged, variant))
-        saved = _relocated(staged, staging, save_directory)
-
-    if push_to_hub and is_main_process:
-        model._upload_modified_files(
-            save_directory,
-            repo_id,
-            files_timestamps,
-            commit_message=commit_message,
-            token=token,
-            create_pr=create_pr,
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    with _staging_directory(save_directory) as staging:
+        # Everything is written into `staging` first and moved into place only when complete.
+        model.config.save_pretrained(staging)
+        staged = _write_checkpoint_files(
+            model, staging, state_dict=state_dict, max_shard_size=max_shard_size, variant=variant
         )
-    return saved
-
+        names = _names(staged) + ["config.json"]
+        # A README not generated by this package is never overwritten.
+        if card.pop("model_card", True) and not has_foreign_readme(save_directory):
+            if card.get("eval_results") is None:
+                card["eval_results"] = load_eval_results(save_directory)
+            write_model_card(
+                model, staging, repo_id=card_repo_id, layout=staged.layout, format_version=FORMAT_VERSION,
+                state_dict=state_dict, **card,
+            )
+            names.append("README.md")
+        written = _commit(staging, save_directory, names, _stale_rule(staged, variant))
+    if push_to_hub:
+        upload_files(save_directory, repo_id, written, commit_message=commit_message, token=token, create_pr=create_pr)
+    return _relocated(staged, staging, save_directory)

@@ -6,7 +6,8 @@ import os
 
 from torch import nn
 
-from .format import LAYOUT_COMPACT, checkpoint_layout, packed_mask_bytes, pad_linear_modules, tied_weight_keys
+from ..core import named_pad_linears
+from .format import LAYOUT_COMPACT, checkpoint_layout, packed_mask_bytes, tied_weight_keys
 
 
 def theoretical_checkpoint_size(model: nn.Module) -> dict[str, int]:
@@ -15,10 +16,9 @@ def theoretical_checkpoint_size(model: nn.Module) -> dict[str, int]:
     ``ceil(numel / 8)`` mask bytes (``"compact"``) or ``E * numel * bytes`` (``"moe"``), plus every
     other parameter and persistent buffer (untied) at its own element size."""
     layout = checkpoint_layout(model)
-    linears = pad_linear_modules(model)
     pad_param_ids = set()
     values = value_bytes = mask_bytes = 0
-    for linear in linears.values():
+    for linear in (ref.module for ref in named_pad_linears(model)):
         pad_param_ids.update(id(t) for t in [*linear.parameters(recurse=False), linear.mask])
         size = linear.expert_weight.element_size()
         numel = linear.mask.numel()
