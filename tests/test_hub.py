@@ -1,214 +1,106 @@
-"""`push_to_hub` / hub loading of PAD checkpoints against a local HTTP stand-in of the Hub.
-
-No hub is reachable here, so a small threaded HTTP server implements the endpoints that
-`huggingface_hub` calls for an upload (create repo, validate README metadata, preupload, LFS batch +
-PUT, commit) and for a download (resolve, revision info). The client side is unmodified: the tests
-only point `huggingface_hub` at the stand-in (the values behind the `HF_ENDPOINT` and
-`HF_HUB_DISABLE_XET` environment variables; with Xet disabled, LFS files take the legacy LFS path).
+"""`push_to_hub` / `save_pretrained(push_to_hub=True)` / loading by repo id, with the Hub mocked at the `HfApi`
+boundary: `HfApi.create_repo`, `create_branch` and `create_commit` are replaced (autospec: a call with arguments
+the real method does not take fails) by a recorder that keeps every call and the bytes of every committed file.
+Loading by repo id reads a Hugging Face cache filled with the committed files (`local_files_only=True`).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
-import json
-import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass, field
+from unittest import mock
 
 import pytest
 import torch
-import transformers.utils.hub as transformers_hub
-import yaml
-from huggingface_hub import ModelCard, constants as hf_constants
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, RepoUrl
+from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load as load_safetensors_bytes
+from test_checkpoint import assert_same_module, make_model, outputs
 from transformers import AutoModelForSequenceClassification
 
-from conftest import random_batch
 from pad_moe_transformers import checkpoint as ckpt
-from test_checkpoint import assert_same_module, make_model, outputs
 
-# huggingface_hub's own LFS PUT passes `data=`, which its HTTP client deprecates; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-REPO = "pad-user/tiny-pad"
-TOKEN = "hf_standin_token"
-# Best-effort client telemetry (huggingface_hub's agent detection), not part of the upload/download API.
-IGNORED = {"/api/agent-harnesses"}
+USER = "pad-user"
+REPO = f"{USER}/tiny-pad"
+TOKEN = "hf_test_token"
+ENDPOINT = "https://huggingface.co"
 
 
-class StandInHub:
-    """In-memory Hub: repos of committed files, LFS objects, and a log of every request."""
+@dataclass
+class Commit:
+    repo_id: str
+    files: dict[str, bytes]
+    kwargs: dict
+    oid: str
 
-    def __init__(self) -> None:
-        self.repos: dict[str, dict[str, bytes]] = {}
-        self.commits: dict[str, str] = {}  # repo -> last commit oid
-        self.lfs: dict[str, bytes] = {}
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self.unhandled: list[str] = []
-        self.commit_payloads: list[list[dict]] = []
-        hub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+@dataclass
+class RecordingHub:
+    """What the mocked `HfApi` methods were asked to do; `repos` holds the files of each repo after the commits."""
 
-            def log_message(self, *args):  # keep pytest output clean
-                pass
+    created: list[dict] = field(default_factory=list)
+    branches: list[dict] = field(default_factory=list)
+    commits: list[Commit] = field(default_factory=list)
+    repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    branch_error: int | None = None  # HTTP status that create_branch answers with, if any
 
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    data = b""
-                    while True:
-                        size = int(self.rfile.readline().strip(), 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return data
-                        data += self.rfile.read(size)
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+    def create_repo(self, api, repo_id, **kwargs):
+        self.created.append({"repo_id": repo_id, **kwargs})
+        full_id = repo_id if "/" in repo_id else f"{USER}/{repo_id}"  # the Hub puts a bare name in the user's namespace
+        self.repos.setdefault(full_id, {})
+        return RepoUrl(f"{ENDPOINT}/{full_id}", endpoint=ENDPOINT)
 
-            def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False):
-                self.send_response(status)
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if not head:
-                    self.wfile.write(body)
+    def create_branch(self, api, repo_id, **kwargs):
+        self.branches.append({"repo_id": repo_id, **kwargs})
+        if self.branch_error is not None:
+            response = mock.Mock(status_code=self.branch_error, headers={}, url=f"{ENDPOINT}/api/{repo_id}/branch")
+            raise HfHubHTTPError("branch refused", response=response)
 
-            def _json(self, status: int, payload, headers: dict | None = None):
-                self._send(status, json.dumps(payload).encode(), {"Content-Type": "application/json", **(headers or {})})
-
-            def _handle(self, method: str):
-                path = unquote(urlsplit(self.path).path)
-                body = self._body() if method in ("POST", "PUT") else b""
-                hub.requests.append((method, path, dict(self.headers)))
-                try:
-                    hub.route(self, method, path, body)
-                except Exception as error:  # surface server bugs as HTTP 500 + in the test log
-                    hub.unhandled.append(f"{method} {path}: {error!r}")
-                    self._json(500, {"error": repr(error)})
-
-            def do_GET(self):
-                self._handle("GET")
-
-            def do_HEAD(self):
-                self._handle("HEAD")
-
-            def do_POST(self):
-                self._handle("POST")
-
-            def do_PUT(self):
-                self._handle("PUT")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    # ------------------------------------------------------------------------------ routing
-    def route(self, h, method: str, path: str, body: bytes) -> None:
-        if path in IGNORED:
-            return h._json(404, {"error": "not served by the stand-in"})
-        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|revision)/(.+)", path)
-        if method == "POST" and path == "/api/repos/create":
-            data = json.loads(body)
-            repo = f"{data['organization']}/{data['name']}" if data.get("organization") else data["name"]
-            self.repos.setdefault(repo, {})
-            return h._json(200, {"url": f"{self.url}/{repo}", "name": repo})
-        if method == "POST" and path == "/api/validate-yaml":
-            content = json.loads(body)["content"]
-            front = re.match(r"^---\n(.*?)\n---\n", content, re.S)
-            if front is None or not isinstance(yaml.safe_load(front.group(1)), dict):
-                return h._json(400, {"errors": [{"message": "README.md has no YAML metadata block"}]})
-            return h._json(200, {"errors": [], "warnings": []})
-        if m and method == "POST" and m.group(2) == "preupload":
-            files = json.loads(body)["files"]
-            return h._json(200, {"files": [
-                {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
-                 "shouldIgnore": False}
-                for f in files
-            ]})
-        if m and method == "POST" and m.group(2) == "commit":
-            return self._commit(h, m.group(1), body)
-        if m and method == "GET" and m.group(2) == "revision":
-            return self._info(h, m.group(1))
-        m_lfs = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
-        if m_lfs and method == "POST":
-            objects = json.loads(body)["objects"]
-            return h._json(200, {"transfer": "basic", "objects": [
-                {"oid": o["oid"], "size": o["size"], "authenticated": True,
-                 "actions": {"upload": {"href": f"{self.url}/lfs-upload/{o['oid']}", "header": {}}}}
-                for o in objects
-            ]})
-        m_put = re.fullmatch(r"/lfs-upload/([0-9a-f]{64})", path)
-        if m_put and method == "PUT":
-            if hashlib.sha256(body).hexdigest() != m_put.group(1):
-                return h._json(400, {"error": "sha256 mismatch"})
-            self.lfs[m_put.group(1)] = body
-            return h._send(200)
-        m_resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-        if m_resolve and method in ("GET", "HEAD"):
-            repo, _, filename = m_resolve.groups()
-            files = self.repos.get(repo)
-            if files is None or filename not in files:
-                code = "RepoNotFound" if files is None else "EntryNotFound"
-                return h._send(404, b"", {"X-Error-Code": code, "X-Error-Message": "not found"}, head=method == "HEAD")
-            data = files[filename]
-            headers = {"X-Repo-Commit": self.commits[repo], "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
-            return h._send(200, data, headers, head=method == "HEAD")
-        if method == "GET" and re.fullmatch(r"/api/models/[^/]+/[^/]+", path):
-            return self._info(h, path[len("/api/models/"):])
-        self.unhandled.append(f"{method} {path}")
-        return h._json(404, {"error": "not implemented by the stand-in"}, {"X-Error-Code": "EntryNotFound"})
-
-    def _info(self, h, repo: str):
-        if repo not in self.repos:
-            return h._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-        return h._json(200, {"id": repo, "sha": self.commits.get(repo, "0" * 40),
-                             "siblings": [{"rfilename": f} for f in sorted(self.repos[repo])]})
-
-    def _commit(self, h, repo: str, body: bytes):
-        lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
-        self.commit_payloads.append(lines)
-        files = self.repos.setdefault(repo, {})
-        for line in lines:
-            value = line["value"]
-            if line["key"] == "file":
-                files[value["path"]] = base64.b64decode(value["content"])
-            elif line["key"] == "lfsFile":
-                data = self.lfs[value["oid"]]  # KeyError -> 500: committed an LFS file that was never uploaded
-                assert len(data) == value["size"]
-                files[value["path"]] = data
-        oid = hashlib.sha1(body).hexdigest()
-        self.commits[repo] = oid
-        return h._json(200, {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid})
-
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def create_commit(self, api, repo_id, operations, **kwargs):
+        files = {}
+        for op in operations:
+            assert isinstance(op, CommitOperationAdd)
+            with open(op.path_or_fileobj, "rb") as f:  # read now: the directory may be temporary
+                files[op.path_in_repo] = f.read()
+        oid = hashlib.sha1(b"".join(name.encode() + data for name, data in sorted(files.items()))).hexdigest()
+        self.commits.append(Commit(repo_id, files, kwargs, oid))
+        self.repos.setdefault(repo_id, {}).update(files)
+        pr_url = f"{ENDPOINT}/{repo_id}/discussions/1" if kwargs.get("create_pr") else None
+        return CommitInfo(
+            commit_url=f"{ENDPOINT}/{repo_id}/commit/{oid}", commit_message=kwargs["commit_message"],
+            commit_description=kwargs.get("commit_description") or "", oid=oid, pr_url=pr_url,
+        )
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    server = StandInHub().start()
-    monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(
-        hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(transformers_hub, "_hf_api", None)  # the shared HfApi is rebuilt for the stand-in
-    yield server
-    server.stop()
+def hub():
+    recorder = RecordingHub()
+    with mock.patch.object(HfApi, "create_repo", autospec=True, side_effect=recorder.create_repo), \
+            mock.patch.object(HfApi, "create_branch", autospec=True, side_effect=recorder.create_branch), \
+            mock.patch.object(HfApi, "create_commit", autospec=True, side_effect=recorder.create_commit):
+        yield recorder
 
 
-def _uploaded_tensors(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+def hub_cache(tmp_path, repo_id: str, files: dict[str, bytes]) -> str:
+    """A Hugging Face cache directory (`models--org--name/{refs,snapshots}`) holding `files` as the repo's `main`."""
+    cache = tmp_path / "cache"
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    revision = "0" * 40
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    snapshot = repo_dir / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return str(cache)
+
+
+def load_from_hub(tmp_path, files: dict[str, bytes], **kwargs):
+    cache = hub_cache(tmp_path, REPO, files)
+    return AutoModelForSequenceClassification.from_pretrained(REPO, cache_dir=cache, local_files_only=True, **kwargs)
+
+
+def uploaded_tensors(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, data in files.items():
         if name.endswith(".safetensors"):
@@ -216,75 +108,129 @@ def _uploaded_tensors(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# ----------------------------------------------------------------------------------------------- push_to_hub
 def test_push_to_hub_uploads_compact_files_and_card(hub, tmp_path):
     model = make_model()
     model.config.base_config._name_or_path = "google-bert/bert-base-uncased"
-    info = model.push_to_hub(REPO, token=TOKEN, eval_results={"eval_accuracy": 0.75}, tags=["glue"])
-    assert not hub.unhandled, hub.unhandled
-    assert info.oid == hub.commits[REPO]
+    info = model.push_to_hub("tiny-pad", token=TOKEN, private=True, eval_results={"eval_accuracy": 0.75}, tags=["glue"])
 
-    endpoints = [
-        (method, re.sub(r"[0-9a-f]{64}", "<oid>", path)) for method, path, _ in hub.requests if path not in IGNORED
-    ]
-    assert endpoints[0] == ("POST", "/api/repos/create")
-    assert ("POST", "/api/validate-yaml") in endpoints
-    assert ("POST", f"/api/models/{REPO}/preupload/main") in endpoints
-    assert ("POST", f"/{REPO}.git/info/lfs/objects/batch") in endpoints
-    assert ("PUT", "/lfs-upload/<oid>") in endpoints
-    assert endpoints[-1] == ("POST", f"/api/models/{REPO}/commit/main")
-    assert all(headers.get("authorization") == f"Bearer {TOKEN}" for method, path, headers in hub.requests
-               if not path.startswith("/lfs-upload") and path not in IGNORED)
-
-    files = hub.repos[REPO]
+    assert hub.created == [{"repo_id": "tiny-pad", "private": True, "token": TOKEN, "exist_ok": True}]
+    assert hub.branches == []
+    (commit,) = hub.commits
+    assert commit.repo_id == REPO and info.oid == commit.oid
+    assert commit.kwargs == {
+        "commit_message": "Upload PADMoEForSequenceClassification", "commit_description": None, "token": TOKEN,
+        "create_pr": False, "revision": None,
+    }
+    files = commit.files
     assert sorted(files) == ["README.md", "config.json", "model.safetensors"]
-    kinds = {line["value"]["path"]: line["key"] for line in hub.commit_payloads[-1] if line["key"] != "header"}
-    assert kinds == {"model.safetensors": "lfsFile", "README.md": "file", "config.json": "file"}
 
     # The compact checkpoint went up: no dense expert tensors, the same bytes save_pretrained writes.
-    tensors = _uploaded_tensors(files)
+    tensors = uploaded_tensors(files)
     assert not any(k.endswith((".expert_weight", ".static_weight", ".mask")) for k in tensors)
     assert any(k.endswith(".mask_packed") for k in tensors)
     model.save_pretrained(tmp_path / "local", eval_results={"eval_accuracy": 0.75})
     assert files["model.safetensors"] == (tmp_path / "local" / "model.safetensors").read_bytes()
+    assert files["config.json"] == (tmp_path / "local" / "config.json").read_bytes()
 
+    # The PAD card, naming the repo id the Hub returned (not Transformers' generic card).
     card = ModelCard(files["README.md"].decode())
     assert card.data.base_model == "google-bert/bert-base-uncased" and card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-classification"
     assert {"pad-net", "mixture-of-experts", "glue"} <= set(card.data.tags)
     assert f'from_pretrained("{REPO}")' in card.text and "| eval_accuracy | 0.7500 |" in card.text
     assert f"{model.parameter_report().total:,}" in card.text
+    assert "| Checkpoint format | pad_moe v1, layout `compact` |" in card.text
 
-    # What was uploaded loads back to the exact module.
-    for name, data in files.items():
-        (tmp_path / "repo").mkdir(exist_ok=True)
-        (tmp_path / "repo" / name).write_bytes(data)
-    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "repo")
+    # What was uploaded loads back, by repo id, to the exact module.
+    again = load_from_hub(tmp_path, hub.repos[REPO])
     assert_same_module(model, again)
+    assert again.name_or_path == REPO
 
 
+def test_push_to_hub_commit_options(hub):
+    """commit message and description, a PR, a branch (created first unless it is a PR ref), as in Transformers."""
+    model = make_model(kappa=None)
+    info = model.push_to_hub(
+        REPO, commit_message="PAD kappa 0.4", commit_description="IMP, 10 batches", create_pr=True, revision="dev"
+    )
+    assert hub.branches == [{"repo_id": REPO, "branch": "dev", "token": None, "exist_ok": True}]
+    (commit,) = hub.commits
+    assert commit.kwargs == {
+        "commit_message": "PAD kappa 0.4", "commit_description": "IMP, 10 batches", "token": None,
+        "create_pr": True, "revision": "dev",
+    }
+    assert info.pr_url == f"{ENDPOINT}/{REPO}/discussions/1" and info.pr_num == 1
+    assert "| Checkpoint format | pad_moe v1, layout `moe` |" in commit.files["README.md"].decode()
+
+    model.push_to_hub(REPO, revision="refs/pr/1")  # a PR ref: no branch to create
+    assert len(hub.branches) == 1 and hub.commits[-1].kwargs["revision"] == "refs/pr/1"
+
+
+def test_push_to_a_branch_that_cannot_be_created(hub):
+    """A 403 on the branch is ignored when opening a PR (the branch must then exist); otherwise it is raised."""
+    model = make_model()
+    hub.branch_error = 403
+    model.push_to_hub(REPO, revision="dev", create_pr=True)
+    assert len(hub.commits) == 1
+    with pytest.raises(HfHubHTTPError, match="branch refused"):
+        model.push_to_hub(REPO, revision="dev")
+    assert len(hub.commits) == 1
+
+
+# ----------------------------------------------------------------------------------------------- save_pretrained
 def test_sharded_push_via_save_pretrained_and_load_by_repo_id(hub, tmp_path):
     model = make_model()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("not part of the save")
     model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id=REPO, token=TOKEN, max_shard_size="20KB")
-    assert not hub.unhandled, hub.unhandled
-    files = hub.repos[REPO]
-    shards = [f for f in files if f.endswith(".safetensors")]
-    assert len(shards) > 1 and ckpt.WEIGHTS_INDEX_NAME in files and "README.md" in files
+
+    assert hub.created == [{"repo_id": REPO, "token": TOKEN, "exist_ok": True}]
+    (commit,) = hub.commits
+    assert commit.kwargs == {
+        "commit_message": "Upload PADMoEForSequenceClassification", "commit_description": None, "token": TOKEN,
+        "create_pr": False, "revision": None,
+    }
+    files = commit.files
+    shards = sorted(f for f in files if f.endswith(".safetensors"))
+    # Exactly what the save wrote (not notes.txt), with the bytes now on disk.
+    assert sorted(files) == sorted(shards + [ckpt.WEIGHTS_INDEX_NAME, "config.json", "README.md"])
+    assert len(shards) > 1
+    assert all(files[name] == (tmp_path / "out" / name).read_bytes() for name in files)
     assert f'from_pretrained("{REPO}")' in files["README.md"].decode()
 
-    # Download by repo id through `cached_file` / `hf_hub_download` (index first, then every shard).
-    again = AutoModelForSequenceClassification.from_pretrained(REPO, token=TOKEN, cache_dir=tmp_path / "cache")
-    assert not hub.unhandled, hub.unhandled
-    downloaded = {path.rsplit("/", 1)[-1] for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path}
-    assert set(shards) <= downloaded and ckpt.WEIGHTS_INDEX_NAME in downloaded
+    again = load_from_hub(tmp_path, hub.repos[REPO], token=TOKEN)  # the index first, then every shard
     assert_same_module(model, again)
     assert torch.equal(outputs(model), outputs(again))
     assert again.name_or_path == REPO
 
 
-def test_push_refuses_nothing_silently(hub, tmp_path):
-    """A corrupt upload is caught on download just like a local one."""
-    model = make_model()
-    model.push_to_hub(REPO, token=TOKEN)
-    data = bytearray(hub.repos[REPO]["model.safetensors"])
-    hub.repos[REPO]["model.safetensors"] = bytes(data[:-64])
+def test_save_pretrained_push_defaults(hub, tmp_path):
+    """Repo named after the directory, a custom commit message, a PR; a hand-written README is neither
+    overwritten nor uploaded."""
+    out = tmp_path / "my-pad-model"
+    out.mkdir()
+    (out / "README.md").write_text("my own card")
+    make_model().save_pretrained(out, push_to_hub=True, commit_message="v2", create_pr=True, private=True)
+    assert hub.created == [{"repo_id": "my-pad-model", "private": True, "exist_ok": True}]
+    (commit,) = hub.commits
+    assert commit.repo_id == f"{USER}/my-pad-model"
+    assert commit.kwargs == {
+        "commit_message": "v2", "commit_description": None, "token": None, "create_pr": True, "revision": None,
+    }
+    assert sorted(commit.files) == ["config.json", "model.safetensors"]
+    assert (out / "README.md").read_text() == "my own card"
+
+
+def test_no_upload_from_other_ranks(hub, tmp_path):
+    assert make_model().save_pretrained(tmp_path / "out", push_to_hub=True, is_main_process=False) is None
+    assert hub.created == [] and hub.commits == [] and not (tmp_path / "out").exists()
+
+
+def test_corrupt_upload_is_refused_on_download(hub, tmp_path):
+    """A corrupt file in the repo is caught when loading by repo id, just like a local one."""
+    make_model().push_to_hub(REPO, token=TOKEN)
+    files = dict(hub.repos[REPO])
+    files["model.safetensors"] = files["model.safetensors"][:-64]
     with pytest.raises(ckpt.PADCheckpointError, match="truncated"):
-        AutoModelForSequenceClassification.from_pretrained(REPO, cache_dir=tmp_path / "cache")
+        load_from_hub(tmp_path, files)

@@ -1,18 +1,24 @@
-"""Safe saves (issue #7): `save_pretrained` stages every file in a hidden directory inside the target and
-moves them into place with `os.replace` only when all are complete, so a failure mid-write leaves the
-previous checkpoint loadable, and a successful save leaves no temporary files."""
+"""Saving: the bytes written (pinned), the sharding, and safe saves (issue #7): `save_pretrained` stages every file
+in a hidden directory inside the target and moves them into place with `os.replace` only when all are complete,
+so a failure mid-write leaves the previous checkpoint loadable, and a successful save leaves no temporary files."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 
 import pytest
 import torch
+from conftest import tiny_base_configs
+from safetensors import safe_open
+from test_checkpoint import assert_same_module, make_model
 from transformers import AutoModelForSequenceClassification
 
+import pad_moe_transformers as pmt
 from pad_moe_transformers.checkpoint import save as save_module
-from test_checkpoint import assert_same_module, make_model
+from pad_moe_transformers.core import named_pad_linears
 
 STAGING = save_module.STAGING_PREFIX
 
@@ -32,6 +38,84 @@ def load(path):
     return AutoModelForSequenceClassification.from_pretrained(path)
 
 
+# ----------------------------------------------------------------------------------------------- bytes written
+def seeded_model(cls=pmt.PADMoEForSequenceClassification, kappa: float | None = 0.4):
+    """A tiny BERT PAD model whose every state-dict entry is drawn from one seeded generator, key by key in sorted
+    order (independent of how the model initialises itself); masks with density `kappa`, or all ones (never
+    partitioned) for `kappa=None`."""
+    config = pmt.PADMoEConfig(base_config=tiny_base_configs()["bert"], num_experts=4)
+    model = cls(config).eval()
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for _, tensor in sorted(model.state_dict(keep_vars=True).items()):
+            if tensor.dtype == torch.bool:
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) < kappa if kappa is not None else True)
+            elif tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    if kappa is not None:
+        model.config.partition = {"method": "random", "dynamic_ratio": kappa}
+    return model
+
+
+# sha256 of "<file> <sha256 of the file>" lines (sorted) of the weight files (safetensors and shard index), as
+# written by the code of commit 72484c3 (before safetensors/huggingface_hub replaced the hand-written header
+# and sharding code). Saving the same model must keep giving these bytes.
+PINNED = {
+    "compact": ({}, "2fe1655dd7add5e202e738b1abd890101c7758a8ad4c614d592136e876bccd0c"),
+    "moe": ({"kappa": None}, "9a93f3c566a996f25a1d92f0d8d788c5eaac3a0432bf6ee089174445106f9ff1"),
+    "compact_sharded": ({"max_shard_size": "20KB"}, "1a0155ab53dc0f910e663af3163ade236f978bfc5e363cf28f265a8a89c29436"),
+    "moe_sharded": (
+        {"kappa": None, "max_shard_size": "30KB"}, "83a7d2258443cd1002ad955e054a0da8c9accb0b842beefaf2cd840d887385e7"
+    ),
+    "variant_sharded": (
+        {"variant": "v1", "max_shard_size": "20KB"}, "25e60d083aa46c60c38a69540a51a8e6266c5c1e4dae804dff26aeef4bd005bc"
+    ),
+    "tied_mlm": ({"cls": pmt.PADMoEForMaskedLM}, "fd2107e1e6b00e81f1340e0e4e523a1bc8fa83f446e9990041ee9f56bdc109b5"),
+}
+
+
+def weight_digest(directory) -> tuple[str, dict[str, str]]:
+    files = {
+        name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+        for name in sorted(os.listdir(directory)) if name.endswith((".safetensors", ".safetensors.index.json"))
+    }
+    lines = "".join(f"{name} {digest}\n" for name, digest in files.items())
+    return hashlib.sha256(lines.encode()).hexdigest(), files
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_saved_bytes_are_pinned(tmp_path, case):
+    options, expected = PINNED[case]
+    options = dict(options)
+    model = seeded_model(cls=options.pop("cls", pmt.PADMoEForSequenceClassification), kappa=options.pop("kappa", 0.4))
+    model.save_pretrained(tmp_path / "a", **options)
+    digest, files = weight_digest(tmp_path / "a")
+    assert digest == expected, files
+    model.save_pretrained(tmp_path / "b", **options)  # saving again: the same bytes
+    assert weight_digest(tmp_path / "b")[0] == digest
+
+
+def test_shards_smaller_than_a_pad_linear_keep_it_whole(tmp_path):
+    """`max_shard_size` below one PAD linear's tensors: every entry larger than the limit gets a shard of its own
+    (huggingface_hub's rule), the tensors of a PAD linear are never split, and the checkpoint loads."""
+    model = make_model()
+    model.save_pretrained(tmp_path, max_shard_size="5KB")
+    with open(tmp_path / "model.safetensors.index.json", encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) > 10
+    for ref in named_pad_linears(model):
+        assert len({file for key, file in weight_map.items() if key.startswith(ref.name + ".")}) == 1, ref.name
+    for shard in shards:
+        with safe_open(str(tmp_path / shard), framework="pt") as f:
+            keys = list(f.keys())
+            nbytes = sum(f.get_tensor(k).nbytes for k in keys)
+        prefixes = {k.rsplit(".", 1)[0] for k in keys}
+        assert nbytes <= 5000 or len(prefixes) == 1 or len(keys) == 1, (shard, keys)
+    assert_same_module(model, load(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------- safe saves
 class DiskFull(OSError):
     pass
 
@@ -89,12 +173,11 @@ def test_keyboard_interrupt_mid_write(previous, monkeypatch):
 def test_failure_after_the_weights_before_the_commit(previous, monkeypatch):
     """The weights are all staged; the model card fails. Nothing has moved yet."""
     old, path, before = previous
-    from pad_moe_transformers import modelcard
 
     def broken_card(*args, **kwargs):
         raise RuntimeError("card template error")
 
-    monkeypatch.setattr(modelcard, "write_model_card", broken_card)
+    monkeypatch.setattr(save_module, "write_model_card", broken_card)
     with pytest.raises(RuntimeError, match="card template error"):
         make_model(kappa=0.2).save_pretrained(path)
     assert snapshot(path) == before
