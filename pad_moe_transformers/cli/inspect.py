@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
+import os
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers.utils import logging
 
 from . import _common
@@ -49,17 +50,14 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
 
 # ------------------------------------------------------------------------------------ collection
 def tensor_bytes(files: list[str]) -> tuple[dict[str, int], int]:
-    """Data bytes of every tensor in the safetensors `files` (from their headers), and the header bytes."""
+    """Data bytes of every tensor in the safetensors `files`, and the bytes of their headers (the rest of each
+    file: safetensors refuses a file whose tensors do not cover it exactly)."""
     sizes, headers = {}, 0
     for path in files:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        headers += 8 + length
-        for key, info in header.items():
-            if key != "__metadata__":
-                start, end = info["data_offsets"]
-                sizes[key] = end - start
+        with safe_open(path, framework="pt") as handle:
+            file_sizes = {key: handle.get_tensor(key).nbytes for key in handle.keys()}
+        headers += os.path.getsize(path) - sum(file_sizes.values())
+        sizes.update(file_sizes)
     return sizes, headers
 
 
