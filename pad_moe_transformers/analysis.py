@@ -51,7 +51,15 @@ logger = logging.get_logger(__name__)
 
 UNITS = ("token", "sample")
 
-__all__ = ["UNITS", "DynamicProperty", "LayerDynamics", "RunningMoments", "dynamic_property", "expert_gram", "parameter_variance"]
+__all__ = [
+    "UNITS",
+    "DynamicProperty",
+    "LayerDynamics",
+    "RunningMoments",
+    "dynamic_property",
+    "expert_gram",
+    "parameter_variance",
+]
 
 
 class RunningMoments:
@@ -205,7 +213,9 @@ def _ffn_modules(model: nn.Module) -> list[tuple[nn.Module, PADMoEFeedForward | 
     elif hasattr(model, "base_model") and hasattr(model, "config"):
         base, model_type = model.base_model, model.config.model_type
     else:
-        raise TypeError(f"dynamic_property needs a Transformers model of a supported family, got {type(model).__name__}.")
+        raise TypeError(
+            f"dynamic_property needs a Transformers model of a supported family, got {type(model).__name__}."
+        )
     layout = get_layout(model_type)
     found = []
     for layer in iter_layers(base, layout):

@@ -38,8 +38,15 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
-from .partition import DEFAULT_NUM_BATCHES, DEFAULT_ROUNDS, DEFAULT_SCORE, DEFAULT_WARMUP_LR
-from .partition import PartitionResult, partition_model, verify_partition_metadata
+from .partition import (
+    DEFAULT_NUM_BATCHES,
+    DEFAULT_ROUNDS,
+    DEFAULT_SCORE,
+    DEFAULT_WARMUP_LR,
+    PartitionResult,
+    partition_model,
+    verify_partition_metadata,
+)
 from .partition._common import check_model, check_not_sharded
 from .partition.options import check_options
 from .partition.units import current_masks

@@ -7,14 +7,13 @@ import copy
 
 import pytest
 import torch
+from conftest import random_batch, tiny_base_configs
+from test_partition import pad_linears
 from transformers import BertForSequenceClassification
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.analysis import RunningMoments, dynamic_property, expert_gram
 from pad_moe_transformers.partition import perturb_experts
-
-from conftest import random_batch, tiny_base_configs
-from test_partition import pad_linears
 
 
 def _pad_model(granularity: str = "element", perturb: float = 0.1) -> tuple:

@@ -9,13 +9,13 @@ import logging
 import numpy as np
 import pytest
 import torch
+from test_partition import _tiny_model, pad_linears
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments, default_data_collator
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.callbacks import take_batches
 from pad_moe_transformers.partition import apply_partition, partition_model
-from test_partition import _tiny_model, pad_linears
 
 
 class _PairDataset(Dataset):
@@ -28,7 +28,8 @@ class _PairDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "attention_mask": torch.ones_like(self.input_ids[i]), "labels": self.labels[i]}
+        ids = self.input_ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
 
 
 class _ExplodingLoader:
@@ -94,7 +95,8 @@ def test_leaves_no_gradients_or_optimizer_state(tmp_path, caplog):
 def test_does_nothing_when_already_partitioned(tmp_path):
     args, control = _args(tmp_path), TrainerControl()
     partitioned = _tiny_model()
-    partition_model(partitioned, [next(iter(DataLoader(_PairDataset(), batch_size=4)))], method="random", progress=False)
+    first = next(iter(DataLoader(_PairDataset(), batch_size=4)))
+    partition_model(partitioned, [first], method="random", progress=False)
     masks = {n: lin.mask.clone() for n, lin in pad_linears(partitioned).items()}
     callback = pmt.IMPTrainerCallback()
     callback.on_train_begin(args, TrainerState(), control, model=partitioned, train_dataloader=_ExplodingLoader())
@@ -107,7 +109,8 @@ def test_does_nothing_when_already_partitioned(tmp_path):
     resumed.config.partition = None
     callback.on_train_begin(args, TrainerState(), control, model=resumed, train_dataloader=_ExplodingLoader())
     fresh = _tiny_model()
-    callback.on_train_begin(args, TrainerState(global_step=10), control, model=fresh, train_dataloader=_ExplodingLoader())
+    resumed_state = TrainerState(global_step=10)
+    callback.on_train_begin(args, resumed_state, control, model=fresh, train_dataloader=_ExplodingLoader())
     assert callback.result is None and not fresh.config.is_partitioned
 
 

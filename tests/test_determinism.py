@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
+from test_callback import _args, _PairDataset
+from test_partition import _tiny_model, pad_linears
 from transformers import Trainer
 
 import pad_moe_transformers as pmt
-from test_callback import _args, _PairDataset
-from test_partition import _tiny_model, pad_linears
 
 
 def first_epoch(output_dir, seed: int = 0) -> dict:
@@ -32,7 +32,9 @@ def first_epoch(output_dir, seed: int = 0) -> dict:
         digest.update(name.encode() + linear.mask.numpy().tobytes())
     return {
         "mask_sha256": digest.hexdigest(),
-        "masks_equal_result": all(torch.equal(callback.result.masks[n], lin.mask) for n, lin in pad_linears(model).items()),
+        "masks_equal_result": all(
+            torch.equal(callback.result.masks[n], lin.mask) for n, lin in pad_linears(model).items()
+        ),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "metadata": model.config.partition,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 
@@ -290,9 +291,12 @@ def test_reads_at_most_num_batches_of_an_endless_iterator():
     assert all(torch.equal(again.masks[n], result.masks[n]) for n in result.masks)
 
 
-def test_fewer_batches_than_asked_uses_those_and_records_the_count():
+def test_fewer_batches_than_asked_uses_those_and_records_the_count(caplog):
     result = partition_model(_tiny_model(), iter(_batches(n=3)), method="random", num_batches=10, progress=False)
     assert result.metadata["num_batches"] == 3
+    with caplog.at_level(logging.WARNING, logger="pad_moe_transformers"):
+        result = partition_model(_tiny_model(), _batches(n=3), method="random", num_batches=2, progress=False)
+    assert result.metadata["num_batches"] == 2 and "first 2 of the 3 batches given; pass num_batches=3" in caplog.text
     with pytest.raises(ValueError, match="zero batches"):
         partition_model(_tiny_model(), iter([]), num_batches=10, progress=False)
     # The lower-level scoring functions read all their batches, so an iterator of unknown length is refused.

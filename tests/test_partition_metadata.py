@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from test_partition import _batches, _tiny_model, pad_linears
 
 from pad_moe_transformers.partition import apply_partition, partition_model, verify_partition_metadata
-from test_partition import _batches, _tiny_model, pad_linears
 
 
 def _partitioned(method: str = "random", granularity: str = "element", ratio: float = 0.3):
@@ -44,13 +44,14 @@ def test_each_contradiction_raises_and_names_it():
     model = _partitioned()
     meta = dict(model.config.partition)
 
-    model.config.partition = {**meta, "achieved_dynamic_ratio": {**meta["achieved_dynamic_ratio"], "layer.0.fc_in": 0.5}}
+    edited = {**meta["achieved_dynamic_ratio"], "layer.0.fc_in": 0.5}
+    model.config.partition = {**meta, "achieved_dynamic_ratio": edited}
     _raises(model, r"achieved_dynamic_ratio\['layer\.0\.fc_in'\] is 0\.5 in config\.partition but 0\.3")
     model.config.partition = {**meta, "achieved_dynamic_ratio_total": 0.25}
     _raises(model, r"achieved_dynamic_ratio_total is 0\.25 in config\.partition")
     renamed = {f"x.{n}": r for n, r in meta["achieved_dynamic_ratio"].items()}
     model.config.partition = {**meta, "achieved_dynamic_ratio": renamed}
-    _raises(model, r"achieved_dynamic_ratio names \['x\.layer\.0\.fc_in'.* but the model's units are \['layer\.0\.fc_in'")
+    _raises(model, r"achieved_dynamic_ratio names \['x\.layer\.0\.fc_in'.* but the model's units are \['layer\.0")
 
     model.config.partition, model.config.dynamic_ratio = {**meta, "target_dynamic_ratio": 0.9}, 0.9
     _raises(model, r"records target_dynamic_ratio=0\.9, but the masks are 0\.3\d* dynamic .*within 1\.95e-03")
@@ -60,7 +61,7 @@ def test_each_contradiction_raises_and_names_it():
     verify_partition_metadata(model)
 
     model.config.partition = None
-    _raises(model, r"config\.partition is None .* masks of layer\.0\.fc_in, layer\.0\.fc_out, layer\.1\.fc_in, layer\.1\.fc_out")
+    _raises(model, r"config\.partition is None .* of layer\.0\.fc_in, layer\.0\.fc_out, layer\.1\.fc_in, layer\.1")
     model.config.partition = meta
     with torch.no_grad():
         pad_linears(model)["layer.1.fc_out"].mask[0, 0] ^= True  # a hand edit after the partition
@@ -103,7 +104,7 @@ def test_repartition_records_what_the_masks_have():
     verify_partition_metadata(model)
 
     masks = {n: lin.mask.clone() for n, lin in pad_linears(model).items()}
-    with pytest.raises(ValueError, match=r"asks for 307 dynamic elements in layer\.0\.fc_in, but only 154 of 512.*cannot raise"):
+    with pytest.raises(ValueError, match=r"asks for 307 dynamic elements in layer\.0\.fc_in, but only 154 of 512"):
         partition_model(model, _batches(), method="random", dynamic_ratio=0.6, overwrite=True, progress=False)
     assert model.config.partition == meta and model.config.dynamic_ratio == 0.3
     assert all(torch.equal(masks[n], lin.mask) for n, lin in pad_linears(model).items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from scipy.stats import spearmanr
+from test_partition import _batches, _tiny_model, pad_linears
 from transformers import AutoModel, AutoModelForSequenceClassification, BertConfig
 
 import pad_moe_transformers as pmt
@@ -20,7 +21,6 @@ from pad_moe_transformers.partition import (
     partition_loss,
     partition_model,
 )
-from test_partition import _batches, _tiny_model, pad_linears
 
 INTER = 31  # kappa * 31 is never an integer for the ratios below: the rounding is exercised
 
@@ -196,7 +196,8 @@ def test_output_unchanged_unused_entries_zero_and_training_keeps_them_zero():
     check_zero()
     for moe in pad_layers(model).values():
         dynamic = moe.neuron_mask()
-        assert moe.fc_in.expert_weight[:, dynamic].all() and moe.fc_in.static_weight[~dynamic].all()  # used ones trained
+        # The used entries trained.
+        assert moe.fc_in.expert_weight[:, dynamic].all() and moe.fc_in.static_weight[~dynamic].all()
         assert moe.fc_in.static_bias[~dynamic].all()
 
 
@@ -250,9 +251,8 @@ def test_errors():
 
 # -------------------------------------------------------------------------------------- callback
 def test_callback_partitions_neurons(tmp_path):
-    from transformers import Trainer
-
     from test_callback import _args, _PairDataset
+    from transformers import Trainer
 
     model = _neuron_model()
     callback = IMPTrainerCallback(dynamic_ratio=0.5, num_batches=2, rounds=2, progress=False)

@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
+from test_callback import _args, _PairDataset
+from test_partition import _tiny_model, pad_linears
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers import callbacks as callbacks_module
-from test_callback import _args, _PairDataset
-from test_partition import _tiny_model, pad_linears
 
 MAX_STEPS, SAVE_STEPS, CRASH_AT = 8, 4, 6  # 6 batches per epoch: the resumed part crosses an epoch boundary
 

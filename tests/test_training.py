@@ -23,13 +23,16 @@ def _names(model, group):
 
 def test_groups_partition_the_trainable_parameters(tiny_bert_config):
     model = _model(tiny_bert_config)
-    groups = pad_optimizer_grouped_parameters(model, weight_decay=0.1, router_learning_rate=1e-3, scale_learning_rate=1e-2)
+    groups = pad_optimizer_grouped_parameters(
+        model, weight_decay=0.1, router_learning_rate=1e-3, scale_learning_rate=1e-2
+    )
     by_name = {g["name"]: g for g in groups}
     assert set(by_name) == {"decay", "no_decay", "router", "scale_factors"}
     every = [id(p) for g in groups for p in g["params"]]
     assert len(every) == len(set(every)) == sum(1 for p in model.parameters() if p.requires_grad)
 
-    assert _names(model, by_name["scale_factors"]) and all("scale_logit" in n for n in _names(model, by_name["scale_factors"]))
+    scale_names = _names(model, by_name["scale_factors"])
+    assert scale_names and all("scale_logit" in n for n in scale_names)
     assert by_name["scale_factors"]["lr"] == 1e-2 and by_name["scale_factors"]["weight_decay"] == 0.0
     assert _names(model, by_name["router"]) and all(".router." in n for n in _names(model, by_name["router"]))
     assert by_name["router"]["lr"] == 1e-3 and by_name["router"]["weight_decay"] == 0.1

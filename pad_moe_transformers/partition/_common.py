@@ -38,9 +38,9 @@ def check_model(model: Any) -> nn.Module:
                 )
             return candidate
     raise TypeError(
-        f"Mode partition needs a PAD-MoE model (a PADMoEPreTrainedModel, e.g. built with "
-        f"`AutoModelForSequenceClassification.from_pretrained(dense_path, config=PADMoEConfig.from_base(dense_path))`), "
-        f"got {type(model).__name__}."
+        "Mode partition needs a PAD-MoE model (a PADMoEPreTrainedModel, e.g. built with "
+        "`AutoModelForSequenceClassification.from_pretrained(dense_path, "
+        f"config=PADMoEConfig.from_base(dense_path))`), got {type(model).__name__}."
     )
 
 

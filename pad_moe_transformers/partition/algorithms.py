@@ -40,8 +40,16 @@ from ._common import (
     partition_granularity,
     world_size,
 )
-from .batches import ZERO_BATCHES_MESSAGE, Batch, check_batches, read_batches
-from .options import DEFAULT_NUM_BATCHES, DEFAULT_ROUNDS, DEFAULT_SCORE, DEFAULT_WARMUP_LR, as_bool, as_ratio, check_options
+from .batches import ZERO_BATCHES_MESSAGE, Batch, check_batches, read_batches, sized_length
+from .options import (
+    DEFAULT_NUM_BATCHES,
+    DEFAULT_ROUNDS,
+    DEFAULT_SCORE,
+    DEFAULT_WARMUP_LR,
+    as_bool,
+    as_ratio,
+    check_options,
+)
 from .postprocess import apply_partition, format_ratios, moe_p_prune
 from .result import PartitionResult
 from .scores import connection_sensitivity, mask_gradients, neuron_mask_gradients, neuron_sums, normalize_scores
@@ -135,20 +143,28 @@ def partition_model(
             )
         if recorded == "moe_p":
             raise ValueError(
-                "The model is a MoE-P baseline (pruned expert entries, all masks dynamic); it cannot be re-partitioned. "
-                "Start again from the upcycled model."
+                "The model is a MoE-P baseline (pruned expert entries, all masks dynamic); it cannot be "
+                "re-partitioned. Start again from the upcycled model."
             )
     kappa = options["dynamic_ratio"]
     if kappa is None:
         kappa = as_ratio("config.dynamic_ratio", model.config.dynamic_ratio)
     if method != "moe_p":
-        check_reachable(neuron_masks(model) if neuron else current_masks(model), kappa, scope, "neuron" if neuron else "element")
+        units = neuron_masks(model) if neuron else current_masks(model)
+        check_reachable(units, kappa, scope, "neuron" if neuron else "element")
+    given = sized_length(batches)
+    if given is not None and given > options["num_batches"]:
+        logger.warning(
+            f"Mode partition uses the first {options['num_batches']} of the {given} batches given; pass "
+            f"num_batches={given} to use all of them."
+        )
     batches = read_batches(batches, options["num_batches"])
     # Every rank must take the same branch: a rank without batches raises on all ranks instead of
     # leaving the others waiting in a collective.
     count = agree_on_batch_count(len(batches), next(model.parameters()).device)
     if count == 0:
-        raise ValueError(ZERO_BATCHES_MESSAGE if world_size() == 1 else f"{ZERO_BATCHES_MESSAGE} (A rank has no batches.)")
+        message = f"{ZERO_BATCHES_MESSAGE} (A rank has no batches.)" if world_size() > 1 else ZERO_BATCHES_MESSAGE
+        raise ValueError(message)
     if count < options["num_batches"]:
         logger.info(f"Mode partition: {count} batches available (num_batches={options['num_batches']}); using them.")
     batches = check_batches(batches[:count])
@@ -178,13 +194,15 @@ def partition_model(
                 bar.set_description(f"Mode partition ({method}, round {t}/{rounds}, keep {ratio:.3f})")
                 if method == "random":
                     generator = torch.Generator().manual_seed(seed)
-                    scores = {n: torch.rand(m.shape, generator=generator, dtype=torch.float64) for n, m in masks.items()}
+                    scores = {
+                        n: torch.rand(m.shape, generator=generator, dtype=torch.float64) for n, m in masks.items()
+                    }
                 else:
                     raw = _raw_scores(model, batches, score, neuron, bar)
                     if neuron:
-                        equals_static = lambda n: layer_equals_static(*layers[n], masks[n])  # noqa: E731
+                        equals_static = lambda n, m=masks: layer_equals_static(*layers[n], m[n])
                     else:
-                        equals_static = lambda n: experts_equal_static(linears[n], masks[n])  # noqa: E731
+                        equals_static = lambda n, m=masks: experts_equal_static(linears[n], m[n])
                     check_not_tied(raw, masks, scope, score, equals_static)
                     scores = normalize_scores(raw, masks, scope)
                 masks = select_masks(scores, masks, ratio, scope)
@@ -220,7 +238,9 @@ def partition_model(
             f"{format_ratios(meta['neuron_dynamic_ratio'])}"
         )
     else:
-        logger.info(f"Mode partition ({method}, kappa={kappa}) done; dynamic ratio per linear:\n{format_ratios(ratios)}")
+        logger.info(
+            f"Mode partition ({method}, kappa={kappa}) done; dynamic ratio per linear:\n{format_ratios(ratios)}"
+        )
     return PartitionResult(
         masks={n: m.clone() for n, m in final.items()},
         dynamic_ratios=ratios,

@@ -40,6 +40,17 @@ def read_batches(batches: Iterable[Batch], num_batches: int) -> list[Batch]:
     return list(itertools.islice(batches, num_batches))
 
 
+def sized_length(batches: Any) -> int | None:
+    """`len(batches)` for a sized collection (a list, a map-style DataLoader), None for an iterator or a
+    loader whose length is unknown (e.g. over an `IterableDataset`)."""
+    if isinstance(batches, Mapping) or not isinstance(batches, Sized):
+        return None
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
 def check_batches(batches: Iterable[Batch]) -> list[Batch]:
     """`batches` as a list, checked usable for scoring (non-empty, mappings, labelled, not all padding).
 
@@ -48,17 +59,12 @@ def check_batches(batches: Iterable[Batch]) -> list[Batch]:
     rather than read to its end; `partition_model(..., num_batches=n)` reads the first `n` of any iterable.
     """
     _refuse_non_iterables(batches)
-    if not isinstance(batches, (list, tuple)):
-        try:
-            sized = isinstance(batches, Sized) and len(batches) >= 0
-        except TypeError:  # e.g. a DataLoader over an IterableDataset without __len__
-            sized = False
-        if not sized:
-            raise ValueError(
-                f"batches is a {type(batches).__name__} of unknown length; the scoring functions read all of it. "
-                "Pass a list of batches, e.g. `list(itertools.islice(loader, 10))`, or call "
-                "`partition_model(model, loader, num_batches=10)`, which reads only the first batches."
-            )
+    if sized_length(batches) is None:
+        raise ValueError(
+            f"batches is a {type(batches).__name__} of unknown length; the scoring functions read all of it. "
+            "Pass a list of batches, e.g. `list(itertools.islice(loader, 10))`, or call "
+            "`partition_model(model, loader, num_batches=10)`, which reads only the first batches."
+        )
     batches = list(batches)
     if not batches:
         raise ValueError(ZERO_BATCHES_MESSAGE)

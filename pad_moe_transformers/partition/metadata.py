@@ -82,10 +82,14 @@ def check_partition_metadata(
             )
         return
     if not isinstance(partition, dict):
-        raise ValueError(f"config.partition must be None or a dict of partition metadata, got {type(partition).__name__}.")
+        raise ValueError(
+            f"config.partition must be None or a dict of partition metadata, got {type(partition).__name__}."
+        )
     recorded_granularity = partition.get("granularity", "element")
     if recorded_granularity not in ("element", "neuron"):
-        raise ValueError(f"config.partition['granularity'] must be 'element' or 'neuron', got {recorded_granularity!r}.")
+        raise ValueError(
+            f"config.partition['granularity'] must be 'element' or 'neuron', got {recorded_granularity!r}."
+        )
     neuron = "neuron" in (recorded_granularity, granularity)
     try:
         actual = summarize_masks(masks, "neuron" if neuron else "element")
@@ -107,7 +111,11 @@ def check_partition_metadata(
 
 
 def _check_target(
-    partition: dict[str, Any], masks: dict[str, Tensor], actual: dict[str, Any], neuron: bool, dynamic_ratio: float | None
+    partition: dict[str, Any],
+    masks: dict[str, Tensor],
+    actual: dict[str, Any],
+    neuron: bool,
+    dynamic_ratio: float | None,
 ) -> None:
     target = partition.get("target_dynamic_ratio")
     if target is None:

@@ -39,7 +39,8 @@ def as_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
 def as_int(name: str, value: Any, minimum: int | None = None, hint: str = "") -> int:
     """`value` as a plain int (NumPy integers accepted); bools and floats are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer{f' >= {minimum}' if minimum is not None else ''}{hint}, got {value!r}.")
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be an integer{bound}{hint}, got {value!r}.")
     if minimum is not None and int(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}{hint}, got {value!r}.")
     return int(value)
@@ -92,7 +93,9 @@ def check_options(
         "scope": as_choice("scope", scope, SCOPES),
         "score": as_choice("score", score, SCORES),
         "seed": None if seed is None else as_int("seed", seed),
-        "warmup_steps": None if warmup_steps is None else as_int("warmup_steps", warmup_steps, 0, " (None: one step per batch)"),
+        "warmup_steps": (
+            None if warmup_steps is None else as_int("warmup_steps", warmup_steps, 0, " (None: one step per batch)")
+        ),
         "warmup_lr": _warmup_lr(warmup_lr, method, score),
         "progress": as_bool("progress", progress),
     }

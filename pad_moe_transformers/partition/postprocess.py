@@ -74,7 +74,9 @@ def apply_partition(
         )
     for name, linear in linears.items():
         if tuple(masks[name].shape) != tuple(linear.mask.shape):
-            raise ValueError(f"Mask of {name} has shape {tuple(masks[name].shape)}, expected {tuple(linear.mask.shape)}.")
+            raise ValueError(
+                f"Mask of {name} has shape {tuple(masks[name].shape)}, expected {tuple(linear.mask.shape)}."
+            )
         if masks[name].dtype != torch.bool and bool(((masks[name] != 0) & (masks[name] != 1)).any()):
             raise ValueError(
                 f"Mask of {name} has dtype {masks[name].dtype} with values other than 0 and 1; masks are binary "

@@ -25,7 +25,9 @@ def layer_linears(model: nn.Module) -> dict[str, tuple[PADExpertLinear, PADExper
     roles: dict[str, dict[str, PADExpertLinear]] = {}
     for ref in named_pad_linears(model):
         if ref.layer is None or ref.role not in ("fc_in", "fc_out"):
-            raise ValueError(f"The PAD linear {ref.name} belongs to no MoE layer; neuron units need (fc_in, fc_out) pairs.")
+            raise ValueError(
+                f"The PAD linear {ref.name} belongs to no MoE layer; neuron units need (fc_in, fc_out) pairs."
+            )
         roles.setdefault(f"layer.{ref.layer}", {})[ref.role] = ref.module
     return {name: (pair["fc_in"], pair["fc_out"]) for name, pair in roles.items()}
 
@@ -40,9 +42,8 @@ def structured_neurons(fc_in_mask: Tensor, fc_out_mask: Tensor) -> Tensor | None
     (fc_in `(I, H)` rows and fc_out `(H, I)` columns each all True or all False, the same per neuron)."""
     m_in, m_out = fc_in_mask.bool(), fc_out_mask.bool().to(fc_in_mask.device)
     neurons = m_in.any(dim=1)
-    if torch.equal(m_in, neurons.unsqueeze(1).expand_as(m_in)) and torch.equal(m_out, neurons.unsqueeze(0).expand_as(m_out)):
-        return neurons
-    return None
+    rows = torch.equal(m_in, neurons.unsqueeze(1).expand_as(m_in))
+    return neurons if rows and torch.equal(m_out, neurons.unsqueeze(0).expand_as(m_out)) else None
 
 
 def neuron_masks_of(masks: dict[str, Tensor]) -> dict[str, Tensor]:
