@@ -197,7 +197,15 @@ def run_methods(args, path, seed, part, dev) -> dict:
             model = load_model(path, seed, args.device)
             synchronize(args.device)
             start = time.perf_counter()
-            result = partition_model(model, part, method=method, dynamic_ratio=kappa, seed=seed, progress=args.progress)
+            result = partition_model(
+                model,
+                part,
+                num_batches=len(part),
+                method=method,
+                dynamic_ratio=kappa,
+                seed=seed,
+                progress=args.progress,
+            )
             synchronize(args.device)
             seconds = time.perf_counter() - start
             rows[method] = {
@@ -233,7 +241,7 @@ def partition_option(option: str, model, part, kappa: float, seed: int, args) ->
     if option == "imp_noise":
         perturb_experts(model, relative_std=args.noise_std, seed=seed)
         before = partition_loss(model, part)
-        result = partition_model(model, part, method="imp", score="grad", **common)
+        result = partition_model(model, part, num_batches=len(part), method="imp", score="grad", **common)
         return {
             "method": "imp",
             "score": "grad",
@@ -248,7 +256,7 @@ def partition_option(option: str, model, part, kappa: float, seed: int, args) ->
         "imp_connection": ("imp", "connection"),
         "moe_p": ("moe_p", DEFAULT_SCORE),
     }[option]
-    result = partition_model(model, part, method=method, score=score, **common)
+    result = partition_model(model, part, num_batches=len(part), method=method, score=score, **common)
     return {"method": method, "score": score, "seconds": result.seconds}
 
 

@@ -9,8 +9,8 @@ LayerNorm code runs unchanged around it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from torch import nn
 

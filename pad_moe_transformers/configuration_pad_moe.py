@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -148,7 +148,9 @@ class PADMoEConfig(PreTrainedConfig):
                     f"moe_layers must be None (all layers) or a list of layer indices, got {self.moe_layers!r}."
                 )
             if len(self.moe_layers) == 0 or len(set(self.moe_layers)) != len(self.moe_layers):
-                raise ValueError(f"moe_layers must be a non-empty list of distinct layer indices, got {self.moe_layers!r}.")
+                raise ValueError(
+                    f"moe_layers must be a non-empty list of distinct layer indices, got {self.moe_layers!r}."
+                )
             if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.moe_layers):
                 raise ValueError(f"moe_layers must hold non-negative integers, got {self.moe_layers!r}.")
 
@@ -162,7 +164,7 @@ class PADMoEConfig(PreTrainedConfig):
         dynamic_ratio: float = 0.5,
         hub_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> "PADMoEConfig":
+    ) -> PADMoEConfig:
         """Build a PAD config around the config of a dense checkpoint (a path, a hub id or a config).
 
         Keyword arguments that are PAD fields configure the MoE layers; task-head arguments
@@ -220,9 +222,7 @@ class PADMoEConfig(PreTrainedConfig):
     def sync_base_config(self) -> None:
         """Copy the task-head fields (`id2label`, `label2id`, `problem_type`) of this config, which Trainer,
         pipelines and `from_pretrained(..., num_labels=...)` set, to the base config the head is built from."""
-        _apply_head_fields(
-            self.base_config, {k: getattr(self, k) for k in ("id2label", "label2id", "problem_type")}
-        )
+        _apply_head_fields(self.base_config, {k: getattr(self, k) for k in ("id2label", "label2id", "problem_type")})
 
     @property
     def base_model_type(self) -> str:

@@ -23,7 +23,8 @@ def convert_ffn_to_pad_moe(base_model: nn.Module, config: PADMoEConfig) -> list[
     except (AttributeError, TypeError) as error:
         raise ValueError(
             f"The PAD-MoE FFN layout of {config.base_model_type!r} (layers at {layout.layers!r}) does not match the "
-            f"{type(base_model).__name__} it was applied to: {error}. Pass the family's base model (`model.base_model`) "
+            f"{type(base_model).__name__} it was applied to: {error}. Pass the family's base model "
+            "(`model.base_model`) "
             "or fix the `FFNLayout` row in `pad_moe_transformers.architectures.PAD_FFN_LAYOUTS`."
         ) from None
     selected = range(len(layers)) if config.moe_layers is None else config.moe_layers
@@ -41,7 +42,11 @@ def convert_ffn_to_pad_moe(base_model: nn.Module, config: PADMoEConfig) -> list[
             in_parent, in_name = get_submodule_parent(layer, layout.ffn_in)
             act_parent, act_name = get_submodule_parent(layer, layout.activation)
             out_parent, out_name = get_submodule_parent(layer, layout.ffn_out)
-            fc_in, activation, fc_out = getattr(in_parent, in_name), getattr(act_parent, act_name), getattr(out_parent, out_name)
+            fc_in, activation, fc_out = (
+                getattr(in_parent, in_name),
+                getattr(act_parent, act_name),
+                getattr(out_parent, out_name),
+            )
         except AttributeError as error:
             raise ValueError(
                 f"Layer {index} ({type(layer).__name__}) has no FFN at the paths of the {config.base_model_type!r} "

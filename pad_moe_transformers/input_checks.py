@@ -59,7 +59,10 @@ def diagnose_inputs(config: PADMoEConfig, inputs: dict[str, Any], label_classes:
                     f"(max_position_embeddings={base.max_position_embeddings}); truncate the inputs, e.g. "
                     f"tokenizer(..., truncation=True, max_length={max_positions})."
                 )
-    for name, limit in (("input_ids", getattr(base, "vocab_size", None)), ("token_type_ids", getattr(base, "type_vocab_size", None))):
+    for name, limit in (
+        ("input_ids", getattr(base, "vocab_size", None)),
+        ("token_type_ids", getattr(base, "type_vocab_size", None)),
+    ):
         ids = inputs.get(name)
         if ids is None or limit is None or ids.numel() == 0 or ids.is_floating_point():
             continue
@@ -67,7 +70,8 @@ def diagnose_inputs(config: PADMoEConfig, inputs: dict[str, Any], label_classes:
         if low < 0 or high >= limit:
             field_name = "vocab_size" if name == "input_ids" else "type_vocab_size"
             return (
-                f"{name} holds values in [{low}, {high}] but the model has {field_name}={limit} (valid ids 0..{limit - 1}); "
+                f"{name} holds values in [{low}, {high}] but the model has {field_name}={limit} "
+                f"(valid ids 0..{limit - 1}); "
                 "check that the tokenizer matches the model."
             )
     labels = inputs.get("labels")
@@ -75,7 +79,9 @@ def diagnose_inputs(config: PADMoEConfig, inputs: dict[str, Any], label_classes:
         real = labels[labels != -100]
         if real.numel() and (int(real.min()) < 0 or int(real.max()) >= label_classes):
             return (
-                f"labels hold class ids in [{int(real.min())}, {int(real.max())}] but the model has {label_classes} classes "
-                f"(valid 0..{label_classes - 1}, or -100 to ignore a position); build the config with the right num_labels."
+                f"labels hold class ids in [{int(real.min())}, {int(real.max())}] but the model has "
+                f"{label_classes} classes "
+                f"(valid 0..{label_classes - 1}, or -100 to ignore a position); build the config with the right "
+                "num_labels."
             )
     return None

@@ -94,7 +94,9 @@ class PADMoEFeedForward(nn.Module):
         bias_in, bias_out = self.fc_in.effective_bias(), self.fc_out.effective_bias()
 
         def expert_fn(expert: int, x_e: Tensor) -> Tensor:
-            h = self.activation(nn.functional.linear(x_e, weight_in[expert], None if bias_in is None else bias_in[expert]))
+            h = self.activation(
+                nn.functional.linear(x_e, weight_in[expert], None if bias_in is None else bias_in[expert])
+            )
             return nn.functional.linear(h, weight_out[expert], None if bias_out is None else bias_out[expert])
 
         return self._dispatch(x, gates, experts, expert_fn)

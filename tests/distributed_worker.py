@@ -18,15 +18,21 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+from test_callback import _PairDataset
+from test_partition import _batches, _tiny_model
 from transformers import BertConfig, Trainer, TrainingArguments
 from transformers.models.bert.modeling_bert import BertLayer
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.configuration_pad_moe import SCALE_FACTOR_MODES
+from pad_moe_transformers.core import named_pad_linears
 from pad_moe_transformers.pad_linear import SCALE_FACTOR_NAMES
-from pad_moe_transformers.partition import pad_linears, partition_model
-from test_callback import _PairDataset
-from test_partition import _batches, _tiny_model
+from pad_moe_transformers.partition import partition_model
+
+
+def _pad_linears(model) -> dict:
+    """`{"layer.{i}.fc_in": PADExpertLinear}` of the model."""
+    return {ref.short_name: ref.module for ref in named_pad_linears(model)}
 
 
 def main(out_dir: str) -> None:
@@ -63,7 +69,7 @@ def main(out_dir: str) -> None:
 
     fsdp = fsdp_checks(out_dir, rank)
 
-    masks = {f"mask/{n}": lin.mask.numpy() for n, lin in pad_linears(model).items()}
+    masks = {f"mask/{n}": lin.mask.numpy() for n, lin in _pad_linears(model).items()}
     params = {f"param/{n}": p.detach().numpy() for n, p in model.named_parameters()}
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **masks, **params)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -84,17 +90,26 @@ def main(out_dir: str) -> None:
 def _fsdp_model(scale_factor_mode: str = "sum2"):
     """A tiny partitioned PAD model without dropout (the same on every rank)."""
     torch.manual_seed(0)
-    base = BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=50,
-                      max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    base = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=50,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = pmt.PADMoEForSequenceClassification(
-        pmt.PADMoEConfig(base_config=base, num_experts=4, scale_factor_mode=scale_factor_mode))
+        pmt.PADMoEConfig(base_config=base, num_experts=4, scale_factor_mode=scale_factor_mode)
+    )
     partition_model(model, _batches(n=2), method="random", dynamic_ratio=0.5, progress=False)
     return model
 
 
 def _scale_parameters(model) -> dict:
     """The scale-factor parameters of the first PAD linear (`(1,)` each; none with scale_factor_mode="none")."""
-    linear = pad_linears(model)["layer.0.fc_in"]
+    linear = _pad_linears(model)["layer.0.fc_in"]
     return {name: getattr(linear, name) for name in SCALE_FACTOR_NAMES if hasattr(linear, name)}
 
 
@@ -111,7 +126,9 @@ def fsdp_checks(out_dir: str, rank: int) -> dict:
     batches = _batches(n=2)
 
     def fsdp1_wrap(model):
-        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({BertLayer}), device_id=torch.device("cpu"))
+        return FullyShardedDataParallel(
+            model, auto_wrap_policy=ModuleWrapPolicy({BertLayer}), device_id=torch.device("cpu")
+        )
 
     def fsdp1_scales(wrapped) -> dict:  # gathered on every rank (a collective)
         with FullyShardedDataParallel.summon_full_params(wrapped):
@@ -144,12 +161,12 @@ def fsdp_checks(out_dir: str, rank: int) -> dict:
 
     # 2. The default model (scale_factor_mode="sum2") under FSDP2: sharding, training, the eval cache, partition.
     model = _fsdp_model()
-    reference = {n: lin.mask.clone() for n, lin in pad_linears(model).items()}
+    reference = {n: lin.mask.clone() for n, lin in _pad_linears(model).items()}
     initial_scale = _scale_parameters(model)["scale_logit"].detach().clone()
     for layer in model.model.bert.encoder.layer:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    linear = pad_linears(model)["layer.0.fc_in"]
+    linear = _pad_linears(model)["layer.0.fc_in"]
     result["expert_weight_local_shape"] = list(linear.expert_weight.to_local().shape)
     result["scale_logit_shape"] = list(linear.scale_logit.shape)
     result["mask_shape"] = list(linear.mask.shape)
@@ -173,7 +190,7 @@ def fsdp_checks(out_dir: str, rank: int) -> dict:
         uncached = model(**batches[0]).logits.detach()
     result["eval_moved"] = not torch.allclose(before, cached)
     result["cached_minus_uncached"] = float((cached - uncached).abs().max())
-    result["masks_unchanged"] = all(torch.equal(reference[n], lin.mask) for n, lin in pad_linears(model).items())
+    result["masks_unchanged"] = all(torch.equal(reference[n], lin.mask) for n, lin in _pad_linears(model).items())
     try:
         partition_model(model, batches, progress=False, overwrite=True)
         result["partition_sharded"] = "no error"

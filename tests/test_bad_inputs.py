@@ -10,6 +10,9 @@ import os
 
 import pytest
 import torch
+from test_callback import _args, _PairDataset
+from test_checkpoint import assert_same_module, make_model
+from test_partition import _batches, _tiny_model
 from torch.utils.data import IterableDataset
 from transformers import (
     AutoModelForSequenceClassification,
@@ -22,13 +25,22 @@ from transformers import (
 import pad_moe_transformers as pmt
 from pad_moe_transformers.architectures import PAD_FFN_LAYOUTS, FFNLayout
 from pad_moe_transformers.checkpoint import PADCheckpointError
-from pad_moe_transformers.partition import apply_partition, pad_linears, partition_model
-from test_callback import _args, _PairDataset
-from test_checkpoint import assert_same_module, make_model
-from test_partition import _batches, _tiny_model
+from pad_moe_transformers.core import named_pad_linears
+from pad_moe_transformers.partition import apply_partition, partition_model
 
-BASE = BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=50,
-                  max_position_embeddings=32)
+BASE = BertConfig(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    vocab_size=50,
+    max_position_embeddings=32,
+)
+
+
+def _pad_linears(model) -> dict:
+    """`{"layer.{i}.fc_in": PADExpertLinear}` of the model."""
+    return {ref.short_name: ref.module for ref in named_pad_linears(model)}
 
 
 def _eval_model(**pad_kwargs):
@@ -75,20 +87,35 @@ def test_dense_checkpoint_of_a_family_without_ffn_mapping(tmp_path):
 
 
 def test_ffn_layout_that_does_not_match_the_model(monkeypatch):
-    monkeypatch.setitem(PAD_FFN_LAYOUTS, "bert", FFNLayout(layers="encoder.layers", ffn_in="a", activation="b", ffn_out="c"))
-    with pytest.raises(ValueError, match=r"layout of 'bert' \(layers at 'encoder\.layers'\) does not match the BertModel"):
+    monkeypatch.setitem(
+        PAD_FFN_LAYOUTS, "bert", FFNLayout(layers="encoder.layers", ffn_in="a", activation="b", ffn_out="c")
+    )
+    with pytest.raises(
+        ValueError, match=r"layout of 'bert' \(layers at 'encoder\.layers'\) does not match the BertModel"
+    ):
         pmt.PADMoEModel(pmt.PADMoEConfig(base_config=BASE))
-    monkeypatch.setitem(PAD_FFN_LAYOUTS, "bert", FFNLayout(layers="encoder.layer", ffn_in="mlp.fc1", activation="b", ffn_out="c"))
+    monkeypatch.setitem(
+        PAD_FFN_LAYOUTS, "bert", FFNLayout(layers="encoder.layer", ffn_in="mlp.fc1", activation="b", ffn_out="c")
+    )
     with pytest.raises(ValueError, match=r"Layer 0 \(BertLayer\) has no FFN at the paths of the 'bert' layout"):
         pmt.PADMoEModel(pmt.PADMoEConfig(base_config=BASE))
 
 
 def test_pad_checkpoint_loaded_with_a_config_of_another_base_type(tmp_path):
     _tiny_model(experts=4).save_pretrained(tmp_path)
-    roberta = RobertaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                            vocab_size=50, max_position_embeddings=34)
+    roberta = RobertaConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=50,
+        max_position_embeddings=34,
+    )
     config = pmt.PADMoEConfig(base_config=roberta, num_experts=4)
-    with pytest.raises(PADCheckpointError, match=r"'base_config\.model_type' .* config has 'roberta', the tensors were written with 'bert'"):
+    with pytest.raises(
+        PADCheckpointError,
+        match=r"'base_config\.model_type' .* config has 'roberta', the tensors were written with 'bert'",
+    ):
         AutoModelForSequenceClassification.from_pretrained(tmp_path, config=config)
 
 
@@ -104,18 +131,45 @@ def test_directory_with_config_but_no_weights(tmp_path):
     [
         (lambda: {"input_ids": torch.tensor([[1, 2, 60]])}, r"input_ids holds values in \[1, 60\] .* vocab_size=50"),
         (lambda: {"input_ids": torch.tensor([[1, -2, 3]])}, r"input_ids holds values in \[-2, 3\]"),
-        (lambda: {"input_ids": _ids(), "token_type_ids": torch.full((2, 6), 2)}, r"token_type_ids .* type_vocab_size=2"),
+        (
+            lambda: {"input_ids": _ids(), "token_type_ids": torch.full((2, 6), 2)},
+            r"token_type_ids .* type_vocab_size=2",
+        ),
         (lambda: {"input_ids": _ids(seq=40)}, r"Sequence length 40 exceeds the model's 32 positions"),
-        (lambda: {"input_ids": _ids(), "labels": torch.tensor([0, 5])}, r"labels hold class ids in \[0, 5\] .* 2 classes"),
-        (lambda: {"input_ids": _ids(), "attention_mask": torch.ones(2, 7, dtype=torch.long)},
-         r"attention_mask has shape \(2, 7\) but the inputs have \(batch, seq\) = \(2, 6\)"),
-        (lambda: {"input_ids": _ids(), "attention_mask": torch.ones(1, 6, dtype=torch.long)}, r"attention_mask has shape \(1, 6\)"),
-        (lambda: {"input_ids": _ids()[0]}, r"input_ids must have 2 dimensions \(batch, seq\), got shape \(6,\); .*input_ids\.unsqueeze\(0\)"),
-        (lambda: {"input_ids": _ids().float()}, r"input_ids must be integer token ids \(torch\.long\), got dtype torch\.float32"),
+        (
+            lambda: {"input_ids": _ids(), "labels": torch.tensor([0, 5])},
+            r"labels hold class ids in \[0, 5\] .* 2 classes",
+        ),
+        (
+            lambda: {"input_ids": _ids(), "attention_mask": torch.ones(2, 7, dtype=torch.long)},
+            r"attention_mask has shape \(2, 7\) but the inputs have \(batch, seq\) = \(2, 6\)",
+        ),
+        (
+            lambda: {"input_ids": _ids(), "attention_mask": torch.ones(1, 6, dtype=torch.long)},
+            r"attention_mask has shape \(1, 6\)",
+        ),
+        (
+            lambda: {"input_ids": _ids()[0]},
+            r"input_ids must have 2 dimensions \(batch, seq\), got shape \(6,\); .*input_ids\.unsqueeze\(0\)",
+        ),
+        (
+            lambda: {"input_ids": _ids().float()},
+            r"input_ids must be integer token ids \(torch\.long\), got dtype torch\.float32",
+        ),
         (lambda: {"input_ids": torch.ones(0, 6, dtype=torch.long)}, r"Empty batch: input_ids has shape \(0, 6\)"),
     ],
-    ids=["vocab", "negative-id", "token-type", "too-long", "label-class", "mask-shape", "mask-broadcast", "1d-ids",
-         "float-ids", "empty-batch"],
+    ids=[
+        "vocab",
+        "negative-id",
+        "token-type",
+        "too-long",
+        "label-class",
+        "mask-shape",
+        "mask-broadcast",
+        "1d-ids",
+        "float-ids",
+        "empty-batch",
+    ],
 )
 def test_bad_model_inputs_are_named(inputs, message):
     model = _eval_model()
@@ -124,8 +178,15 @@ def test_bad_model_inputs_are_named(inputs, message):
 
 
 def test_roberta_positions_count_the_padding_offset():
-    config = RobertaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                           vocab_size=50, max_position_embeddings=34, pad_token_id=1)
+    config = RobertaConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=50,
+        max_position_embeddings=34,
+        pad_token_id=1,
+    )
     model = pmt.PADMoEModel(pmt.PADMoEConfig(base_config=config, num_experts=2)).eval()
     assert model(input_ids=_ids(seq=32, low=2)).last_hidden_state.shape == (2, 32, 16)  # 34 - (1 + 1) positions
     with pytest.raises(ValueError, match=r"Sequence length 33 exceeds the model's 32 positions"):
@@ -160,7 +221,9 @@ def _with(batch, **changes):
 def test_partition_batches_none_or_a_single_batch():
     with pytest.raises(ValueError, match="batches is None"):
         partition_model(_tiny_model(), None, progress=False)
-    with pytest.raises(ValueError, match=r"batches is a single batch \(a dict with keys \['attention_mask', 'input_ids', 'labels'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"batches is a single batch \(a dict with keys \['attention_mask', 'input_ids', 'labels'\]\)"
+    ):
         partition_model(_tiny_model(), _batches()[0], progress=False)
 
 
@@ -170,7 +233,7 @@ def test_partition_all_padding_batch():
     model = _tiny_model()
     with pytest.raises(ValueError, match=r"Partition batch 1 is all padding"):
         partition_model(model, batches, progress=False)
-    assert not model.config.is_partitioned and all(bool(lin.mask.all()) for lin in pad_linears(model).values())
+    assert not model.config.is_partitioned and all(bool(lin.mask.all()) for lin in _pad_linears(model).values())
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -179,13 +242,22 @@ def test_partition_nan_or_inf_in_the_inputs(value):
     embeds = torch.randn(*batch["input_ids"].shape, 16)
     embeds[2, 4, 7] = value
     bad = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
-    with pytest.raises(ValueError, match=r"Non-finite task loss .* on partition batch 0.*NaN/inf in \['inputs_embeds'\]"):
+    with pytest.raises(
+        ValueError, match=r"Non-finite task loss .* on partition batch 0.*NaN/inf in \['inputs_embeds'\]"
+    ):
         partition_model(_tiny_model(), [bad], progress=False)
 
 
 def test_partition_nan_regression_labels():
-    base = BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=50,
-                      max_position_embeddings=32, num_labels=1)
+    base = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        vocab_size=50,
+        max_position_embeddings=32,
+        num_labels=1,
+    )
     model = pmt.PADMoEForSequenceClassification(pmt.PADMoEConfig(base_config=base, num_experts=4))
     batches = [_with(b, labels=torch.randn(b["labels"].shape[0])) for b in _batches(n=2)]
     assert torch.isfinite(model(**batches[0]).loss)
@@ -197,8 +269,12 @@ def test_partition_nan_regression_labels():
 def test_partition_inf_in_a_weight_is_named():
     model = _tiny_model()
     with torch.no_grad():
-        pad_linears(model)["layer.1.fc_out"].expert_weight[2, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match=r"model weight 'model\.bert\.encoder\.layer\.1\.intermediate\.dense\.fc_out\.expert_weight' holds NaN/inf"):
+        _pad_linears(model)["layer.1.fc_out"].expert_weight[2, 0, 0] = float("inf")
+    with pytest.raises(
+        ValueError,
+        match=r"model weight 'model\.bert\.encoder\.layer\.1\.intermediate\.dense\.fc_out\.expert_weight' "
+        r"holds NaN/inf",
+    ):
         partition_model(model, _batches(), progress=False)
 
 
@@ -216,9 +292,11 @@ def test_partition_nan_scores_with_a_finite_loss(monkeypatch):
 
     monkeypatch.setattr(algorithms, "mask_gradients", nan_scores)
     model = _tiny_model()
-    with pytest.raises(ValueError, match=r"scores of layer\.0\.fc_out hold 1 NaN/inf value\(s\) among its 512 candidates"):
+    with pytest.raises(
+        ValueError, match=r"scores of layer\.0\.fc_out hold 1 NaN/inf value\(s\) among its 512 candidates"
+    ):
         partition_model(model, _batches(), rounds=1, progress=False)
-    assert not model.config.is_partitioned and all(bool(lin.mask.all()) for lin in pad_linears(model).values())
+    assert not model.config.is_partitioned and all(bool(lin.mask.all()) for lin in _pad_linears(model).values())
 
 
 def test_moe_p_nan_saliency(monkeypatch):
@@ -250,8 +328,10 @@ def test_partition_bad_warmup_arguments(kwargs, message):
 
 def test_apply_partition_refuses_non_binary_masks():
     model = _tiny_model()
-    scores = {name: torch.rand(lin.mask.shape) for name, lin in pad_linears(model).items()}
-    with pytest.raises(ValueError, match=r"Mask of layer\.0\.fc_in has dtype torch\.float32 with values other than 0 and 1"):
+    scores = {name: torch.rand(lin.mask.shape) for name, lin in _pad_linears(model).items()}
+    with pytest.raises(
+        ValueError, match=r"Mask of layer\.0\.fc_in has dtype torch\.float32 with values other than 0 and 1"
+    ):
         apply_partition(model, scores)
     ratios = apply_partition(model, {n: (s > 0.5).float() for n, s in scores.items()})  # 0/1 floats are fine
     assert all(0.3 < r < 0.7 for r in ratios.values())
@@ -284,16 +364,24 @@ class _EmptyStream(IterableDataset):
 
 
 def test_callback_with_an_empty_streaming_dataset(tmp_path):
-    trainer = Trainer(model=_tiny_model(), args=_args(tmp_path, max_steps=2), train_dataset=_EmptyStream(),
-                      callbacks=[pmt.IMPTrainerCallback(num_batches=2)])
+    trainer = Trainer(
+        model=_tiny_model(),
+        args=_args(tmp_path, max_steps=2),
+        train_dataset=_EmptyStream(),
+        callbacks=[pmt.IMPTrainerCallback(num_batches=2)],
+    )
     with pytest.raises(ValueError, match=r"IMPTrainerCallback: the Trainer's train dataloader yielded no batches"):
         trainer.train()
 
 
 def test_empty_map_dataset_is_refused_by_the_trainer(tmp_path):
     """Not ours: Trainer's sampler refuses an empty dataset before any callback runs."""
-    trainer = Trainer(model=_tiny_model(), args=_args(tmp_path), train_dataset=_PairDataset(n=0),
-                      callbacks=[pmt.IMPTrainerCallback(num_batches=2)])
+    trainer = Trainer(
+        model=_tiny_model(),
+        args=_args(tmp_path),
+        train_dataset=_PairDataset(n=0),
+        callbacks=[pmt.IMPTrainerCallback(num_batches=2)],
+    )
     with pytest.raises(ValueError, match="num_samples=0"):
         trainer.train()
 
@@ -306,8 +394,12 @@ class _Unlabelled(_PairDataset):
 
 
 def test_callback_with_a_dataset_without_labels(tmp_path):
-    trainer = Trainer(model=_tiny_model(), args=_args(tmp_path), train_dataset=_Unlabelled(),
-                      callbacks=[pmt.IMPTrainerCallback(num_batches=2)])
+    trainer = Trainer(
+        model=_tiny_model(),
+        args=_args(tmp_path),
+        train_dataset=_Unlabelled(),
+        callbacks=[pmt.IMPTrainerCallback(num_batches=2)],
+    )
     with pytest.raises(ValueError, match=r"Partition batch 0 has no labels .* keeps its label column"):
         trainer.train()
 

@@ -10,13 +10,13 @@ import struct
 import numpy as np
 import pytest
 import torch
+from conftest import random_batch, tiny_base_configs
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, PreTrainedModel
 
 import pad_moe_transformers as pmt
-from conftest import random_batch, tiny_base_configs
 from pad_moe_transformers import checkpoint as ckpt
 from pad_moe_transformers.checkpoint import PADCheckpointError
 from pad_moe_transformers.pad_linear import SCALE_FACTOR_NAMES
@@ -303,8 +303,12 @@ def header_shapes(path):
 
 
 def scale_keys(model):
-    return [prefix + name for prefix, linear in ckpt.pad_linear_modules(model).items()
-            for name in SCALE_FACTOR_NAMES if hasattr(linear, name)]
+    return [
+        prefix + name
+        for prefix, linear in ckpt.pad_linear_modules(model).items()
+        for name in SCALE_FACTOR_NAMES
+        if hasattr(linear, name)
+    ]
 
 
 @pytest.mark.parametrize("kappa", [0.4, None], ids=["compact", "moe"])
@@ -321,7 +325,9 @@ def test_scale_factors_are_stored_0d(tmp_path, mode, kappa):
     assert {k: shapes[k] for k in keys} == dict.fromkeys(keys, [])
     again = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     for key in keys:
-        assert again.get_parameter(key).shape == (1,) and torch.equal(again.get_parameter(key), model.get_parameter(key))
+        assert again.get_parameter(key).shape == (1,) and torch.equal(
+            again.get_parameter(key), model.get_parameter(key)
+        )
     if kappa is not None:  # the moe layout rebuilds the unused static weight
         assert_same_module(model, again)
     assert torch.equal(outputs(model), outputs(again))
@@ -364,11 +370,15 @@ def test_state_dict_with_0d_scale_factors_loads(mode):
 def test_stored_scale_factor_shapes(saved):
     """A `(1,)` scale factor in a file loads too; any other shape is refused."""
     model, path = saved
-    rewrite(path / "model.safetensors", lambda t: t.update({PREFIX0 + "scale_logit": t[PREFIX0 + "scale_logit"].reshape(1)}))
+    rewrite(
+        path / "model.safetensors", lambda t: t.update({PREFIX0 + "scale_logit": t[PREFIX0 + "scale_logit"].reshape(1)})
+    )
     assert header_shapes(path / "model.safetensors")[PREFIX0 + "scale_logit"] == [1]
     assert_same_module(model, load(path))
     rewrite(path / "model.safetensors", lambda t: t.update({PREFIX0 + "scale_logit": torch.zeros(2)}))
-    with pytest.raises(PADCheckpointError, match=r"fc_in\.scale_logit' has shape \[2\]; a scale factor is stored as \[\]"):
+    with pytest.raises(
+        PADCheckpointError, match=r"fc_in\.scale_logit' has shape \[2\]; a scale factor is stored as \[\]"
+    ):
         load(path)
 
 
@@ -419,7 +429,9 @@ def test_mask_bit_count_must_match_values(saved):
         t[PREFIX0 + "mask_packed"][0] ^= 1
 
     rewrite(path / "model.safetensors", flip_one_bit)
-    with pytest.raises(PADCheckpointError, match=r"fc_in\.expert_values stores \d+ values .*fc_in\.mask_packed has \d+ set bits"):
+    with pytest.raises(
+        PADCheckpointError, match=r"fc_in\.expert_values stores \d+ values .*fc_in\.mask_packed has \d+ set bits"
+    ):
         load(path)
 
 
@@ -458,14 +470,15 @@ def test_wrong_shape_outside_the_pad_layers_is_handled_as_transformers_does(save
 
 def test_wrong_packed_mask_shape_is_refused(saved):
     _, path = saved
-    rewrite(path / "model.safetensors", lambda t: t.update({PREFIX0 + "mask_packed": t[PREFIX0 + "mask_packed"][:-1].clone()}))
+    rewrite(
+        path / "model.safetensors",
+        lambda t: t.update({PREFIX0 + "mask_packed": t[PREFIX0 + "mask_packed"][:-1].clone()}),
+    )
     with pytest.raises(PADCheckpointError, match=r"fc_in\.mask_packed' has shape"):
         load(path)
 
 
-@pytest.mark.parametrize(
-    "key", [PREFIX0 + "static_values", PREFIX0 + "mask_packed", PREFIX0 + "scale_logit"]
-)
+@pytest.mark.parametrize("key", [PREFIX0 + "static_values", PREFIX0 + "mask_packed", PREFIX0 + "scale_logit"])
 def test_missing_tensor_is_refused(saved, key):
     _, path = saved
     rewrite(path / "model.safetensors", lambda t: t.pop(key))
@@ -537,7 +550,9 @@ def test_config_mismatch_without_metadata_hint_names_tensor(saved):
     edit_config(path, num_experts=2)
     rewrite(
         path / "model.safetensors",
-        edit_metadata=lambda m: m.update({ckpt.METADATA_CONFIG: m[ckpt.METADATA_CONFIG].replace('"num_experts": 4', '"num_experts": 2')}),
+        edit_metadata=lambda m: m.update(
+            {ckpt.METADATA_CONFIG: m[ckpt.METADATA_CONFIG].replace('"num_experts": 4', '"num_experts": 2')}
+        ),
     )
     with pytest.raises(PADCheckpointError, match=r"holds 4 experts but config field 'num_experts' is 2"):
         load(path)
@@ -602,7 +617,9 @@ def test_model_card_metadata_and_body(tmp_path):
     assert f"{report.dynamic:,}" in text and f"{report.static:,}" in text
     l_s, l_d = (float(x.detach()) for x in model.moe_layers[1].fc_out.scale_factors())
     row = next(r for r in report.layers if r.layer == 1 and r.linear == "fc_out")
-    assert f"| 1 | fc_out | {row.dynamic_ratio:.4f} | {row.dynamic:,} | {row.static:,} | {l_s:.4f} | {l_d:.4f} |" in text
+    assert (
+        f"| 1 | fc_out | {row.dynamic_ratio:.4f} | {row.dynamic:,} | {row.static:,} | {l_s:.4f} | {l_d:.4f} |" in text
+    )
     assert "| eval_accuracy | 0.8750 |" in text and "eval_runtime" not in text
     model.config.base_config._name_or_path = str(tmp_path)  # a local directory is not a hub id
     assert pmt.build_model_card(model).data.base_model is None
@@ -675,8 +692,16 @@ def test_trainer_checkpoints_are_compact_and_resume(tmp_path):
 
     def run(max_steps, resume=None):
         args = TrainingArguments(
-            output_dir=str(tmp_path), max_steps=max_steps, save_steps=2, per_device_train_batch_size=4,
-            report_to=[], use_cpu=True, learning_rate=1e-2, save_only_model=False, seed=0, disable_tqdm=True,
+            output_dir=str(tmp_path),
+            max_steps=max_steps,
+            save_steps=2,
+            per_device_train_batch_size=4,
+            report_to=[],
+            use_cpu=True,
+            learning_rate=1e-2,
+            save_only_model=False,
+            seed=0,
+            disable_tqdm=True,
         )
         trainer = Trainer(model=copy.deepcopy(model), args=args, train_dataset=data)
         trainer.train(resume_from_checkpoint=resume)

@@ -17,10 +17,15 @@ import torch.distributed as dist
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
-from pad_moe_transformers.partition import pad_linears
+from pad_moe_transformers.core import named_pad_linears
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 TIMEOUT_S = 180
+
+
+def _pad_linears(model) -> dict:
+    """`{"layer.{i}.fc_in": PADExpertLinear}` of the model."""
+    return {ref.short_name: ref.module for ref in named_pad_linears(model)}
 
 
 def _free_port() -> int:
@@ -34,13 +39,27 @@ def two_ranks(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     out = tmp_path_factory.mktemp("ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER, str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        WORKER,
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), env.get("PYTHONPATH")]))
     # Own process group, so that a hang is cleaned up completely (torchrun and both workers).
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     try:
         log, _ = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -85,7 +104,7 @@ def test_rank0_save_loads(two_ranks):
     out, (r0, _) = two_ranks
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
     assert model.config.partition == r0["partition"]
-    for name, linear in pad_linears(model).items():
+    for name, linear in _pad_linears(model).items():
         assert np.array_equal(linear.mask.numpy(), r0["arrays"][f"mask/{name}"]), name
     for name, param in model.named_parameters():
         assert torch.equal(param.detach(), torch.from_numpy(r0["arrays"][f"param/{name}"])), name
@@ -107,22 +126,41 @@ def test_the_logged_ddp_loss_is_the_mean_loss(two_ranks):
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """Single process: 2 accumulated batches of 4 make the same SGD step as one batch of 8."""
+    from test_callback import _PairDataset
     from transformers import BertConfig, Trainer, TrainingArguments
 
     import pad_moe_transformers as pmt
-    from test_callback import _PairDataset
 
     def step(batch_size, accumulation):
         torch.manual_seed(0)
-        base = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                          vocab_size=50, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0)
-        model = pmt.PADMoEForSequenceClassification(pmt.PADMoEConfig(base_config=base, num_experts=4,
-                                                                     router_aux_loss_coef=0.0))
-        args = TrainingArguments(output_dir=str(tmp_path / f"{batch_size}x{accumulation}"), use_cpu=True,
-                                 per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                                 max_steps=1, optim="sgd", learning_rate=0.5, max_grad_norm=0.0, lr_scheduler_type="constant",
-                                 report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
+        base = BertConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=50,
+            max_position_embeddings=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        model = pmt.PADMoEForSequenceClassification(
+            pmt.PADMoEConfig(base_config=base, num_experts=4, router_aux_loss_coef=0.0)
+        )
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{batch_size}x{accumulation}"),
+            use_cpu=True,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            max_grad_norm=0.0,
+            lr_scheduler_type="constant",
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        )
         initial = model.model.classifier.weight.detach().clone()
         Trainer(model=model, args=args, train_dataset=_PairDataset(n=8)).train()
         assert not torch.equal(model.model.classifier.weight, initial)  # the step moved the weights
@@ -147,8 +185,13 @@ def test_fsdp_accepts_the_scale_factors_of_every_mode(two_ranks):
     scale_factor_mode, the default "sum2" included, and the scale factors receive gradients."""
     _, (r0, r1) = two_ranks
     fsdp = _fsdp(two_ranks)
-    expected = {"sum2": ["scale_logit"], "none": [], "static_only": ["lambda_static"],
-                "dynamic_only": ["lambda_dynamic"], "free": ["lambda_static", "lambda_dynamic"]}
+    expected = {
+        "sum2": ["scale_logit"],
+        "none": [],
+        "static_only": ["lambda_static"],
+        "dynamic_only": ["lambda_dynamic"],
+        "free": ["lambda_static", "lambda_dynamic"],
+    }
     assert set(fsdp["modes"]) == set(expected)
     for mode, names in expected.items():
         info, other = fsdp["modes"][mode], r1["fsdp"]["modes"][mode]
@@ -189,5 +232,8 @@ def test_full_state_dicts_of_fsdp_models_save_and_load(two_ranks):
             loaded = model.state_dict()
             assert set(state.files) == set(loaded)
             for key in state.files:
-                assert state[key].shape == loaded[key].shape and np.array_equal(state[key], loaded[key].numpy()), (name, key)
+                assert state[key].shape == loaded[key].shape and np.array_equal(state[key], loaded[key].numpy()), (
+                    name,
+                    key,
+                )
             assert state[scale].shape == (1,)

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_callback import _args, _PairDataset
+from test_partition import _batches, _tiny_model
 from transformers import Trainer
 
 import pad_moe_transformers as pmt
-from pad_moe_transformers.partition import pad_linears, partition_model
-from test_callback import _args, _PairDataset
-from test_partition import _batches, _tiny_model
+from pad_moe_transformers.core import named_pad_linears
+from pad_moe_transformers.partition import partition_model
+
+
+def _pad_linears(model) -> dict:
+    """`{"layer.{i}.fc_in": PADExpertLinear}` of the model."""
+    return {ref.short_name: ref.module for ref in named_pad_linears(model)}
 
 
 def _cpu_autocast_supported(dtype: torch.dtype) -> bool:
@@ -23,8 +29,13 @@ def _cpu_autocast_supported(dtype: torch.dtype) -> bool:
 
 DTYPES = [
     pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="fp16", marks=pytest.mark.skipif(
-        not _cpu_autocast_supported(torch.float16), reason="this torch build has no fp16 autocast on CPU")),
+    pytest.param(
+        torch.float16,
+        id="fp16",
+        marks=pytest.mark.skipif(
+            not _cpu_autocast_supported(torch.float16), reason="this torch build has no fp16 autocast on CPU"
+        ),
+    ),
 ]
 
 
@@ -60,11 +71,17 @@ def test_autocast_training_keeps_router_fp32_and_loss_finite(dtype):
 def test_trainer_bf16_with_the_callback(tmp_path):
     """`bf16=True` on CPU: accelerate runs the forward under autocast, the callback's IMP scoring included."""
     fp32_callback = pmt.IMPTrainerCallback(dynamic_ratio=0.5, num_batches=3, rounds=2)
-    fp32 = Trainer(model=_tiny_model(), args=_args(tmp_path / "fp32", max_steps=1), train_dataset=_PairDataset(),
-                   callbacks=[fp32_callback])
+    fp32 = Trainer(
+        model=_tiny_model(),
+        args=_args(tmp_path / "fp32", max_steps=1),
+        train_dataset=_PairDataset(),
+        callbacks=[fp32_callback],
+    )
     fp32.train()
     callback = pmt.IMPTrainerCallback(dynamic_ratio=0.5, num_batches=3, rounds=2)
-    args = _args(tmp_path / "bf16", max_steps=50, bf16=True, logging_strategy="steps", logging_steps=10, learning_rate=1e-3)
+    args = _args(
+        tmp_path / "bf16", max_steps=50, bf16=True, logging_strategy="steps", logging_steps=10, learning_rate=1e-3
+    )
     trainer = Trainer(model=_tiny_model(), args=args, train_dataset=_PairDataset(), callbacks=[callback])
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -72,7 +89,7 @@ def test_trainer_bf16_with_the_callback(tmp_path):
     assert all(moe.router.weight.dtype == torch.float32 for moe in trainer.model.moe_layers)
     agreement = mask_agreement(fp32_callback.result.masks, callback.result.masks)
     assert agreement >= 0.99, agreement  # measured 0.9951 (torch 2.13, CPU)
-    for name, linear in pad_linears(trainer.model).items():  # the same exact ratio either way
+    for name, linear in _pad_linears(trainer.model).items():  # the same exact ratio either way
         assert linear.num_dynamic() == int(fp32_callback.result.masks[name].sum())
 
 

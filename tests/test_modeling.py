@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_batch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.core import named_pad_linears
-from conftest import random_batch
 
 
 def _pad(config, cls=pmt.PADMoEForSequenceClassification, **kwargs):

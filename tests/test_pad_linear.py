@@ -106,7 +106,7 @@ def test_fused_eq4_matches_autograd_reference(mode):
         if b is None:
             assert a is None or torch.all(a == 0), name
         else:
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["sum2", "none", "static_only", "dynamic_only", "free"])

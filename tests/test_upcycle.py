@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from conftest import random_batch
 from transformers import (
     AutoModel,
     AutoModelForMaskedLM,
@@ -16,7 +17,6 @@ from transformers import (
 )
 
 import pad_moe_transformers as pmt
-from conftest import random_batch
 
 HEADS = [
     (AutoModel, "last_hidden_state"),

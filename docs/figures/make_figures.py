@@ -4,7 +4,7 @@
     python docs/figures/make_figures.py          # writes docs/figures/pad_eq4.png and docs/figures/imp_schedule.png
 
 * `pad_eq4.png`: eq. 4 on a toy 6 x 8 linear with 3 experts, computed with `PADExpertLinear` itself
-  (`merged_weights()`), so the picture is what the package computes.
+  (`effective_weight()`), so the picture is what the package computes.
 * `imp_schedule.png`: the IMP schedule (`imp_schedule`, kappa ** (t / rounds)) and the parameters of
   one FFN as a multiple of the dense FFN for dense / MoE / PAD against kappa (8 experts), counted by
   `parameter_report()` on a tiny model.
@@ -39,14 +39,30 @@ def eq4_figure(path: Path) -> None:
     l_s, l_d = (float(x.detach()) for x in linear.scale_factors())
     mask = linear.mask.numpy()
     with torch.no_grad():
-        merged = linear.merged_weights().numpy()
+        merged = linear.effective_weight().detach().numpy()
     unused = np.ma.masked_array  # entries eq. 4 never reads are drawn grey
     panels = [("mask M\n(black: M = 1, dynamic)", mask.astype(float), "Greys", (0, 1))]
     for e in range(3):
-        panels.append((f"expert W_{e + 1}\n(read where M = 1)", unused(linear.expert_weight[e].detach().numpy(), ~mask), "coolwarm", (-2.5, 2.5)))
-    panels.append(("static W_s\n(read where M = 0)", unused(linear.static_weight.detach().numpy(), mask), "coolwarm", (-2.5, 2.5)))
+        panels.append(
+            (
+                f"expert W_{e + 1}\n(read where M = 1)",
+                unused(linear.expert_weight[e].detach().numpy(), ~mask),
+                "coolwarm",
+                (-2.5, 2.5),
+            )
+        )
+    panels.append(
+        ("static W_s\n(read where M = 0)", unused(linear.static_weight.detach().numpy(), mask), "coolwarm", (-2.5, 2.5))
+    )
     for e in range(3):
-        panels.append((f"W_eff_{e + 1} = l_d M W_{e + 1} + l_s (1-M) W_s\n(static entries outlined)", merged[e], "coolwarm", (-2.5, 2.5)))
+        panels.append(
+            (
+                f"W_eff_{e + 1} = l_d M W_{e + 1} + l_s (1-M) W_s\n(static entries outlined)",
+                merged[e],
+                "coolwarm",
+                (-2.5, 2.5),
+            )
+        )
     fig, axes = plt.subplots(2, 4, figsize=(11, 5.4))
     order = [0, 1, 2, 3, 4, 5, 6, 7]
     for ax, index in zip(axes.ravel(), order):
@@ -60,8 +76,11 @@ def eq4_figure(path: Path) -> None:
         if index >= 5:  # outline the static entries: identical in every W_eff
             for r, c in zip(*np.nonzero(~mask)):
                 ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=1.6, ec="black"))
-    fig.suptitle(f"PAD-Net eq. 4 for one linear, 3 experts, kappa ~ 0.5, l_d = {l_d:.2f}, l_s = {l_s:.2f}: "
-                 "dynamic entries differ per expert,\nstatic entries are l_s W_s in every expert (grey: stored but never read)", fontsize=9)
+    fig.suptitle(
+        f"PAD-Net eq. 4 for one linear, 3 experts, kappa ~ 0.5, l_d = {l_d:.2f}, l_s = {l_s:.2f}: "
+        "dynamic entries differ per expert,\nstatic entries are l_s W_s in every expert (grey: stored but never read)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
 from safetensors import SafetensorError, safe_open
+from torch import Tensor
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
@@ -66,7 +66,9 @@ class DecodeCompact(ConversionOps):
     supports_many_to_many = True
 
     @torch.no_grad()
-    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None, **kwargs):
+    def convert(
+        self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None, **kwargs
+    ):
         packed, static_values, expert_values = (input_dict[s][0] for s in _COMPACT)
         linear = model.get_submodule(full_layer_name.rsplit(".", 1)[0])
         # The loader casts every tensor of a conversion to the dtype of its first target (the float experts):
@@ -102,7 +104,7 @@ class ScaleFactorShape(ConversionOps):
         self.stored = stored
 
     def convert(self, input_dict, full_layer_name=None, **kwargs):
-        (name, tensors), = input_dict.items()
+        ((name, tensors),) = input_dict.items()
         tensor = check_scale_factor(full_layer_name, tensors[0], torch.empty(1))
         return {name: tensor.reshape(()) if self.stored else tensor}
 
@@ -115,8 +117,10 @@ register_checkpoint_conversion_mapping(
     "pad_moe",
     [
         WeightConverter(source_patterns=list(_COMPACT), target_patterns=list(_DENSE), operations=[DecodeCompact()]),
-        *(WeightConverter(source_patterns=name, target_patterns=name, operations=[ScaleFactorShape()])
-          for name in SCALE_FACTOR_NAMES),
+        *(
+            WeightConverter(source_patterns=name, target_patterns=name, operations=[ScaleFactorShape()])
+            for name in SCALE_FACTOR_NAMES
+        ),
     ],
     overwrite=True,
 )
@@ -192,7 +196,9 @@ def read_checkpoint_metadata(files: list[str], index: dict | None = None) -> dic
         try:
             linears.update(json.loads(file_metadata.pop(METADATA_LINEARS, "{}")))
         except ValueError:
-            raise PADCheckpointError(f"Checkpoint file {name}: metadata field {METADATA_LINEARS!r} is not JSON.") from None
+            raise PADCheckpointError(
+                f"Checkpoint file {name}: metadata field {METADATA_LINEARS!r} is not JSON."
+            ) from None
         shared = {k: v for k, v in file_metadata.items() if k.startswith("pad_moe.")}
         if metadata is None:
             metadata = shared
@@ -213,7 +219,8 @@ def read_checkpoint_metadata(files: list[str], index: dict | None = None) -> dic
         missing = sorted(set(weight_map) - set(location))
         if missing:
             raise PADCheckpointError(
-                f"The shard index lists tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                f"The shard index lists tensor {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 + f", which no shard holds ({weight_map[missing[0]]} lacks it)."
             )
     return metadata
@@ -282,8 +289,18 @@ def load_pad_checkpoint(
     return (model, info) if want_info else model
 
 
-_DTYPES = {"U8": torch.uint8, "BOOL": torch.bool, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-           "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_DTYPES = {
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 
 
 def validate_pad_tensors(
@@ -321,12 +338,14 @@ def validate_pad_tensors(
         else:
             nnz = check_packed_mask(prefix, linear, require_tensor(stored, prefix, "mask_packed", layout))
             static_values = require_tensor(stored, prefix, "static_values", layout)
-            check_compact_values(prefix, linear, nnz, static_values, require_tensor(stored, prefix, "expert_values", layout))
+            check_compact_values(
+                prefix, linear, nnz, static_values, require_tensor(stored, prefix, "expert_values", layout)
+            )
         for name in SCALE_FACTOR_NAMES:
             parameter = getattr(linear, name, None)
             if parameter is not None:
                 check_scale_factor(prefix + name, require_tensor(stored, prefix, name, layout), parameter)
-    unexpected = [k for k in stored if k[len(pad_prefix_of(k, linears)):] in RAW_SUFFIXES and layout != LAYOUT_MOE]
+    unexpected = [k for k in stored if k[len(pad_prefix_of(k, linears)) :] in RAW_SUFFIXES and layout != LAYOUT_MOE]
     unexpected += [k for k in stored if k.endswith(tuple("." + s for s in _COMPACT)) and layout == LAYOUT_MOE]
     check_no_unexpected(unexpected, linears)
 

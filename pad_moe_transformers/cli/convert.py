@@ -215,6 +215,7 @@ def _partition(model, tokenizer, args: argparse.Namespace):
     return partition_model(
         model,
         batches,
+        num_batches=len(batches),
         method=args.partition,
         dynamic_ratio=args.dynamic_ratio,
         rounds=args.rounds,

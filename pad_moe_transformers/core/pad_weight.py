@@ -89,7 +89,9 @@ class PADWeight(nn.Module):
                     parameter.fill_(0.0 if name == "scale_logit" else 1.0)
 
     # --- loading ---------------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Checkpoint files hold the scale factors 0-d and the weights of a partitioned model in compact form
         # (`core.compact`); a never-partitioned model stores only the experts (the static weight is then
         # their mean, the mask all ones). Translate to the module's own tensors, then load as usual.
@@ -106,10 +108,14 @@ class PADWeight(nn.Module):
             dynamic, static, mask = decode_compact(
                 *(state_dict.pop(prefix + s) for s in COMPACT_SUFFIXES), tuple(self.mask.shape)
             )
-            state_dict.update({prefix + "expert_weight": dynamic, prefix + "static_weight": static, prefix + "mask": mask})
+            state_dict.update(
+                {prefix + "expert_weight": dynamic, prefix + "static_weight": static, prefix + "mask": mask}
+            )
         elif prefix + "expert_weight" in state_dict and not any(
             prefix + s in state_dict for s in ("static_weight", "mask")
         ):
             state_dict[prefix + "static_weight"] = static_from_experts(state_dict[prefix + "expert_weight"])
             state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

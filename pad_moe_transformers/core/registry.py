@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..pad_linear import PADExpertLinear
+from .pad_weight import PADWeight
 
 # Module names that wrappers insert into `named_modules()` but not into the full state-dict keys.
 _WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -28,7 +28,7 @@ class PADLinearRef:
     """Index of its transformer layer (as in `config.moe_layers`), None outside a PAD model."""
     role: str | None
     """``"fc_in"`` or ``"fc_out"`` inside its MoE layer, None outside one."""
-    module: PADExpertLinear
+    module: PADWeight
 
     @property
     def short_name(self) -> str:
@@ -45,7 +45,7 @@ def _clean(name: str) -> str:
 
 
 def named_pad_linears(model: nn.Module) -> list[PADLinearRef]:
-    """Every PAD linear of `model`, in module order (layer by layer, fc_in before fc_out).
+    """Every PAD weight (PAD linear) of `model`, in module order (layer by layer, fc_in before fc_out).
 
     A module shared by several parents (ALBERT's shared layers) is listed once, under its first name.
     """
@@ -57,7 +57,7 @@ def named_pad_linears(model: nn.Module) -> list[PADLinearRef]:
                 layer_of[id(getattr(moe, role))] = (index, role)
     refs = []
     for name, module in model.named_modules():  # named_modules() yields a shared module once
-        if isinstance(module, PADExpertLinear):
+        if isinstance(module, PADWeight):
             layer, role = layer_of.get(id(module), (None, None))
             refs.append(PADLinearRef(_clean(name), layer, role, module))
     return refs

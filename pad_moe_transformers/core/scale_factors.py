@@ -40,7 +40,9 @@ def scale_factor_names(mode: str) -> tuple[str, ...]:
 def register_scale_factors(module: nn.Module, mode: str, device=None, dtype=None) -> None:
     """Add the `(1,)` scale-factor parameters of `mode` to `module`, at their initial values (l_s = l_d = 1)."""
     for name in scale_factor_names(mode):
-        module.register_parameter(name, nn.Parameter(torch.full((1,), SCALE_FACTOR_INIT[name], device=device, dtype=dtype)))
+        module.register_parameter(
+            name, nn.Parameter(torch.full((1,), SCALE_FACTOR_INIT[name], device=device, dtype=dtype))
+        )
 
 
 def scale_factors(module: nn.Module, mode: str, values: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
