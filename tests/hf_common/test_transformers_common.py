@@ -27,7 +27,6 @@ from unittest import mock
 
 import pytest
 import torch
-from _hf_sdist import SdistUnavailable, load_modeling_common
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -40,6 +39,8 @@ from transformers.modeling_utils import load_state_dict
 from transformers.models.auto import modeling_auto
 
 import pad_moe_transformers as pmt
+
+from ._hf_sdist import SdistUnavailable, load_modeling_common
 
 pytestmark = pytest.mark.hf_common
 
