@@ -224,6 +224,11 @@ class PADMoEConfig(PreTrainedConfig):
         pipelines and `from_pretrained(..., num_labels=...)` set, to the base config the head is built from."""
         _apply_head_fields(self.base_config, {k: getattr(self, k) for k in ("id2label", "label2id", "problem_type")})
 
+    def get_text_config(self, *args: Any, **kwargs: Any) -> PreTrainedConfig:
+        # Overridden: Transformers finds the text config of composite configs under fixed attribute names
+        # (`text_config`, ...); a PAD config keeps it as `base_config` (vocab size, embeddings, resizing).
+        return self.base_config.get_text_config(*args, **kwargs)
+
     @property
     def base_model_type(self) -> str:
         return self.base_config.model_type

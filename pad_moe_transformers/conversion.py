@@ -73,9 +73,11 @@ def convert_ffn_to_pad_moe(base_model: nn.Module, config: PADMoEConfig) -> list[
         )
         # Transformers' init pass (`post_init`, `_initialize_missing_keys`) skips tensors carrying its
         # `_is_hf_initialized` flag; without it the upcycled copies would be re-drawn at random. Transformers
-        # has no public way to mark a tensor initialised.
-        for tensor in list(moe.parameters()) + list(moe.buffers()):
-            tensor._is_hf_initialized = True
+        # has no public way to mark a tensor initialised. On the meta device (a model built to be loaded into)
+        # there are no copies: the tensors stay unmarked, so the loader sees them as missing until loaded.
+        if fc_in.weight.device.type != "meta":
+            for tensor in list(moe.parameters()) + list(moe.buffers()):
+                tensor._is_hf_initialized = True
         setattr(in_parent, in_name, moe)
         setattr(act_parent, act_name, nn.Identity())
         setattr(out_parent, out_name, nn.Identity())

@@ -11,9 +11,9 @@ Entry points:
     model.save_pretrained("out"); AutoModelForSequenceClassification.from_pretrained("out")  # PAD checkpoint
 """
 
-from __future__ import annotations
-
-from typing import Any, ClassVar
+# No `from __future__ import annotations` here: Transformers inspects the `forward` annotations at run time
+# (`**kwargs: Unpack[TransformersKwargs]` says which outputs can be requested, the return type which fields exist).
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +27,10 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 
-from .architectures import get_layout, iter_layers
+from .architectures import PAD_FFN_LAYOUTS, get_layout, iter_layers
 from .configuration_pad_moe import PADMoEConfig
 from .conversion import convert_ffn_to_pad_moe
 from .core.pad_weight import PADWeight, static_from_experts
@@ -114,7 +115,8 @@ class PADMoEPreTrainedModel(PreTrainedModel):
             elif isinstance(module, PADWeight):
                 _materialize_derived_tensors(module)
                 init.normal_(module.expert_weight, mean=0.0, std=std)
-                init.copy_(module.static_weight, static_from_experts(module.expert_weight.detach()))
+                if module.expert_weight.device.type != "meta":  # no values to derive from on the meta device
+                    init.copy_(module.static_weight, static_from_experts(module.expert_weight.detach()))
                 init.ones_(module.mask)
                 for name in SCALE_FACTOR_INIT:
                     if getattr(module, name, None) is not None:
@@ -141,6 +143,8 @@ class PADMoEPreTrainedModel(PreTrainedModel):
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             checkpoint_config = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)[0]
             checkpoint_type = checkpoint_config.get("model_type")
+            if config is None and checkpoint_type in PAD_FFN_LAYOUTS:  # a dense checkpoint: upcycle, default PAD config
+                config = PADMoEConfig.from_base(pretrained_model_name_or_path, hub_kwargs=hub_kwargs)
             if isinstance(config, PADMoEConfig) and checkpoint_type != PADMoEConfig.model_type:
                 return upcycle(cls, pretrained_model_name_or_path, checkpoint_type, config, model_args, kwargs)
             if checkpoint_type == PADMoEConfig.model_type:
@@ -193,7 +197,7 @@ class PADMoEPreTrainedModel(PreTrainedModel):
         end_positions: Tensor | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ModelOutput | tuple:
         inputs = {
             "input_ids": input_ids,

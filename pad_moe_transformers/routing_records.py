@@ -38,7 +38,8 @@ class RoutingRecord:
 def recording_routing() -> Iterator[list[RoutingRecord]]:
     """Collect the routing decisions of the MoE layers called inside the block, in call order."""
     records: list[RoutingRecord] = []
-    token = _active_record.set(records)
+    # A dict of named outputs, as Transformers' own `capture_outputs` stores in its context variable.
+    token = _active_record.set({"pad_moe_routing": records})
     try:
         yield records
     finally:
@@ -47,6 +48,6 @@ def recording_routing() -> Iterator[list[RoutingRecord]]:
 
 def record_routing(layer: nn.Module, decision: RoutingDecision) -> None:
     """Append `decision` to the active record, if any (none outside a PAD model's forward, e.g. on recompute)."""
-    records = _active_record.get()
-    if records is not None:
-        records.append(RoutingRecord(layer, decision))
+    active = _active_record.get()
+    if active is not None:
+        active["pad_moe_routing"].append(RoutingRecord(layer, decision))

@@ -507,11 +507,15 @@ def test_future_format_version_is_refused(saved):
         load(path)
 
 
-def test_checkpoint_without_pad_metadata_is_refused(tmp_path):
+def test_checkpoint_written_by_transformers_own_writer_loads(tmp_path):
+    """The fallback of `save_pretrained` (PEFT / distributed / quantized) is Transformers' own writer: no PAD
+    metadata. Transformers' loader reads it back exactly, as it would for a plain model."""
     model = make_model()
-    PreTrainedModel.save_pretrained(model, tmp_path)  # Transformers' own (dense, unversioned) state dict
-    with pytest.raises(PADCheckpointError, match=r"no 'pad_moe\.format_version'"):
-        load(tmp_path)
+    PreTrainedModel.save_pretrained(model, tmp_path)
+    assert not any(k.startswith("pad_moe.") for k in read_dir(tmp_path)[1]["model.safetensors"])
+    again = load(tmp_path)
+    assert_same_module(model, again)
+    assert torch.equal(outputs(model), outputs(again))
 
 
 def edit_config(path, **changes):

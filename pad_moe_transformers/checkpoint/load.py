@@ -37,6 +37,7 @@ from ..core.scale_factors import SCALE_FACTOR_NAMES
 from .format import (
     LAYOUT_MOE,
     METADATA_LINEARS,
+    METADATA_VERSION,
     RAW_SUFFIXES,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
@@ -104,22 +105,24 @@ class ScaleFactorShape(ConversionOps):
         self.stored = stored
 
     def convert(self, input_dict, full_layer_name=None, **kwargs):
-        ((name, tensors),) = input_dict.items()
+        ((_, tensors),) = input_dict.items()
         tensor = check_scale_factor(full_layer_name, tensors[0], torch.empty(1))
-        return {name: tensor.reshape(()) if self.stored else tensor}
+        # Returned under the full name: the source pattern is a regex over the three scale-factor names.
+        return {full_layer_name: tensor.reshape(()) if self.stored else tensor}
 
     @property
     def reverse_op(self) -> ConversionOps:
         return ScaleFactorShape(stored=not self.stored)
 
 
+_SCALE_FACTOR_PATTERN = "(" + "|".join(SCALE_FACTOR_NAMES) + ")"
+
 register_checkpoint_conversion_mapping(
     "pad_moe",
     [
         WeightConverter(source_patterns=list(_COMPACT), target_patterns=list(_DENSE), operations=[DecodeCompact()]),
-        *(
-            WeightConverter(source_patterns=name, target_patterns=name, operations=[ScaleFactorShape()])
-            for name in SCALE_FACTOR_NAMES
+        WeightConverter(
+            source_patterns=_SCALE_FACTOR_PATTERN, target_patterns=r"\1", operations=[ScaleFactorShape()]
         ),
     ],
     overwrite=True,
@@ -227,6 +230,14 @@ def read_checkpoint_metadata(files: list[str], index: dict | None = None) -> dic
 
 
 # --------------------------------------------------------------------------------------------- loading
+# `from_pretrained` keyword arguments that Transformers' loader consumes itself, before the config sees the rest.
+_LOADER_KWARGS = (
+    "dtype", "torch_dtype", "device_map", "max_memory", "offload_folder", "offload_buffers", "output_loading_info",
+    "attn_implementation", "experts_implementation", "_from_auto", "_from_pipeline", "tqdm_class",
+    "ignore_mismatched_sizes", "weights_only", "low_cpu_mem_usage", "trust_remote_code", "key_mapping",
+    "adapter_kwargs", "adapter_name", "distributed_config", "device_mesh", "tp_plan", "tp_size", "use_kernels",
+    "kernel_config", "allow_all_kernels", "generation_config", "variant", "use_safetensors", "state_dict",
+)
 _DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
@@ -272,12 +283,16 @@ def load_pad_checkpoint(
     files, index = resolve_checkpoint_files(path, variant=kwargs.get("variant"), download_kwargs=download_kwargs)
     metadata = read_checkpoint_metadata(files, index)
     if config is None:
-        # Config overrides (`num_labels=5`, `hidden_dropout_prob=0.3`) are applied here, as Transformers does;
-        # the download options are consumed by the config and still needed for the weights.
+        # Config overrides (`num_labels=5`, `hidden_dropout_prob=0.3`) are applied here, as Transformers does
+        # (the config is needed before loading, to validate the tensors); loader options are not config fields.
+        loader_kwargs = {k: kwargs.pop(k) for k in _LOADER_KWARGS if k in kwargs}
         config, kwargs = cls.config_class.from_pretrained(path, return_unused_kwargs=True, **kwargs)
-        kwargs.update(download_kwargs)
+        kwargs.update(download_kwargs, **loader_kwargs)
     mapping = _cross_head_key_mapping(cls, checkpoint_config, config)
-    validate_pad_tensors(cls, config, files, metadata, mapping)
+    # Files written by Transformers' own writer (the PEFT / distributed / quantized fallback of `save_pretrained`)
+    # carry no PAD metadata and store every tensor under its own name: Transformers' loader reads them as is.
+    if METADATA_VERSION in metadata:
+        validate_pad_tensors(cls, config, files, metadata, mapping)
     if mapping is not None:
         kwargs["key_mapping"] = {**mapping, **(kwargs.get("key_mapping") or {})}
     want_info = kwargs.pop("output_loading_info", False)

@@ -22,11 +22,13 @@ must fail, raising the listed exception; a pass is an error):
 from __future__ import annotations
 
 import os
+import tempfile
 import unittest
 from unittest import mock
 
 import pytest
 import torch
+from torch import nn
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -37,6 +39,8 @@ from transformers import (
 )
 from transformers.modeling_utils import load_state_dict
 from transformers.models.auto import modeling_auto
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as hf_logging
 
 import pad_moe_transformers as pmt
 
@@ -159,6 +163,53 @@ class PADMoECommonTest(common.ModelTesterMixin, unittest.TestCase):
 
     def setUp(self) -> None:
         self.model_tester = TinyPADMoETester(self)
+
+    def test_reverse_loading_mapping(self) -> None:
+        """The mixin's test on partitioned models: PAD's compact conversion (`mask_packed`, `static_values`,
+        `expert_values`) is the format of a partitioned model; a never-partitioned one is stored as a plain MoE,
+        in which no compact pattern can match. Each model is partitioned at random right before it is first saved."""
+        from pad_moe_transformers.core import named_pad_linears
+
+        save_pretrained = pmt.PADMoEPreTrainedModel.save_pretrained
+
+        def save_partitioned(model, *args, **kwargs):
+            if not model.config.is_partitioned:  # a reloaded (already partitioned) model is saved as it is
+                masks = {ref.short_name: torch.rand(ref.module.mask.shape) < 0.5 for ref in named_pad_linears(model)}
+                pmt.apply_partition(model, masks, {"method": "random"})
+            return save_pretrained(model, *args, **kwargs)
+
+        with mock.patch.object(pmt.PADMoEPreTrainedModel, "save_pretrained", save_partitioned):
+            super().test_reverse_loading_mapping()
+
+
+    def test_can_load_ignoring_mismatched_shapes(self) -> None:
+        """The mixin's check, with the classifier looked up where a PAD model keeps it: the mixin searches the
+        model's direct children for the `nn.Linear` sized by `num_labels`, and a PAD model's only child is the
+        wrapped family model (`model.model.classifier`). Everything else as the mixin does."""
+        config, _ = self.model_tester.prepare_config_and_inputs_for_common()
+        config = common._config_zero_init(config)
+        config.num_labels = 3
+        model_class = pmt.PADMoEForSequenceClassification
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            model = model_class(config)
+            model.save_pretrained(tmp_dir)
+            with self.assertRaises(RuntimeError):
+                model_class.from_pretrained(tmp_dir, num_labels=42)
+            logger = hf_logging.get_logger("transformers.modeling_utils")
+            with CaptureLogger(logger) as captured:
+                new_model = model_class.from_pretrained(tmp_dir, num_labels=42, ignore_mismatched_sizes=True)
+            self.assertIn("Reinit due to size mismatch", captured.out)
+        heads = [f"model.{n}" for n, m in new_model.model.named_children() if isinstance(m, nn.Linear)]
+        mismatched = [name for name in heads if new_model.get_submodule(name).out_features == 42]
+        self.assertEqual(mismatched, ["model.classifier"])
+        old, new = dict(model.named_parameters()), dict(new_model.named_parameters())
+        self.assertFalse(set(old) - set(new))
+        for key, value in new.items():
+            if any(key.startswith(name) for name in mismatched):
+                self.assertEqual(value.shape[0], 42)
+                self.assertLessEqual(old[key].data.mean().item(), 1e-1, key)
+            else:
+                torch.testing.assert_close(old[key], value, msg=f"{key} does not match")
 
 
 def _expect_failures(test_class: type, expected: dict[str, tuple[type[Exception], str]]) -> None:
