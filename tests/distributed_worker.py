@@ -25,14 +25,9 @@ from transformers.models.bert.modeling_bert import BertLayer
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.configuration_pad_moe import SCALE_FACTOR_MODES
-from pad_moe_transformers.core import named_pad_linears
 from pad_moe_transformers.pad_linear import SCALE_FACTOR_NAMES
 from pad_moe_transformers.partition import partition_model
-
-
-def _pad_linears(model) -> dict:
-    """`{"layer.{i}.fc_in": PADExpertLinear}` of the model."""
-    return {ref.short_name: ref.module for ref in named_pad_linears(model)}
+from pad_moe_transformers.partition.units import linears_by_name
 
 
 def main(out_dir: str) -> None:
@@ -69,7 +64,7 @@ def main(out_dir: str) -> None:
 
     fsdp = fsdp_checks(out_dir, rank)
 
-    masks = {f"mask/{n}": lin.mask.numpy() for n, lin in _pad_linears(model).items()}
+    masks = {f"mask/{n}": lin.mask.numpy() for n, lin in linears_by_name(model).items()}
     params = {f"param/{n}": p.detach().numpy() for n, p in model.named_parameters()}
     np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **masks, **params)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -109,7 +104,7 @@ def _fsdp_model(scale_factor_mode: str = "sum2"):
 
 def _scale_parameters(model) -> dict:
     """The scale-factor parameters of the first PAD linear (`(1,)` each; none with scale_factor_mode="none")."""
-    linear = _pad_linears(model)["layer.0.fc_in"]
+    linear = linears_by_name(model)["layer.0.fc_in"]
     return {name: getattr(linear, name) for name in SCALE_FACTOR_NAMES if hasattr(linear, name)}
 
 
@@ -161,12 +156,12 @@ def fsdp_checks(out_dir: str, rank: int) -> dict:
 
     # 2. The default model (scale_factor_mode="sum2") under FSDP2: sharding, training, the eval cache, partition.
     model = _fsdp_model()
-    reference = {n: lin.mask.clone() for n, lin in _pad_linears(model).items()}
+    reference = {n: lin.mask.clone() for n, lin in linears_by_name(model).items()}
     initial_scale = _scale_parameters(model)["scale_logit"].detach().clone()
     for layer in model.model.bert.encoder.layer:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    linear = _pad_linears(model)["layer.0.fc_in"]
+    linear = linears_by_name(model)["layer.0.fc_in"]
     result["expert_weight_local_shape"] = list(linear.expert_weight.to_local().shape)
     result["scale_logit_shape"] = list(linear.scale_logit.shape)
     result["mask_shape"] = list(linear.mask.shape)
@@ -190,7 +185,7 @@ def fsdp_checks(out_dir: str, rank: int) -> dict:
         uncached = model(**batches[0]).logits.detach()
     result["eval_moved"] = not torch.allclose(before, cached)
     result["cached_minus_uncached"] = float((cached - uncached).abs().max())
-    result["masks_unchanged"] = all(torch.equal(reference[n], lin.mask) for n, lin in _pad_linears(model).items())
+    result["masks_unchanged"] = all(torch.equal(reference[n], lin.mask) for n, lin in linears_by_name(model).items())
     try:
         partition_model(model, batches, progress=False, overwrite=True)
         result["partition_sharded"] = "no error"

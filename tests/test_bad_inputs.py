@@ -25,8 +25,8 @@ from transformers import (
 import pad_moe_transformers as pmt
 from pad_moe_transformers.architectures import PAD_FFN_LAYOUTS, FFNLayout
 from pad_moe_transformers.checkpoint import PADCheckpointError
-from pad_moe_transformers.core import named_pad_linears
 from pad_moe_transformers.partition import apply_partition, partition_model
+from pad_moe_transformers.partition.units import linears_by_name
 
 BASE = BertConfig(
     hidden_size=16,
@@ -37,10 +37,6 @@ BASE = BertConfig(
     max_position_embeddings=32,
 )
 
-
-def _pad_linears(model) -> dict:
-    """`{"layer.{i}.fc_in": PADExpertLinear}` of the model."""
-    return {ref.short_name: ref.module for ref in named_pad_linears(model)}
 
 
 def _eval_model(**pad_kwargs):
@@ -233,7 +229,7 @@ def test_partition_all_padding_batch():
     model = _tiny_model()
     with pytest.raises(ValueError, match=r"Partition batch 1 is all padding"):
         partition_model(model, batches, progress=False)
-    assert not model.config.is_partitioned and all(bool(lin.mask.all()) for lin in _pad_linears(model).values())
+    assert not model.config.is_partitioned and all(bool(lin.mask.all()) for lin in linears_by_name(model).values())
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -269,7 +265,7 @@ def test_partition_nan_regression_labels():
 def test_partition_inf_in_a_weight_is_named():
     model = _tiny_model()
     with torch.no_grad():
-        _pad_linears(model)["layer.1.fc_out"].expert_weight[2, 0, 0] = float("inf")
+        linears_by_name(model)["layer.1.fc_out"].expert_weight[2, 0, 0] = float("inf")
     with pytest.raises(
         ValueError,
         match=r"model weight 'model\.bert\.encoder\.layer\.1\.intermediate\.dense\.fc_out\.expert_weight' "
@@ -296,7 +292,7 @@ def test_partition_nan_scores_with_a_finite_loss(monkeypatch):
         ValueError, match=r"scores of layer\.0\.fc_out hold 1 NaN/inf value\(s\) among its 512 candidates"
     ):
         partition_model(model, _batches(), rounds=1, progress=False)
-    assert not model.config.is_partitioned and all(bool(lin.mask.all()) for lin in _pad_linears(model).values())
+    assert not model.config.is_partitioned and all(bool(lin.mask.all()) for lin in linears_by_name(model).values())
 
 
 def test_moe_p_nan_saliency(monkeypatch):
@@ -328,7 +324,7 @@ def test_partition_bad_warmup_arguments(kwargs, message):
 
 def test_apply_partition_refuses_non_binary_masks():
     model = _tiny_model()
-    scores = {name: torch.rand(lin.mask.shape) for name, lin in _pad_linears(model).items()}
+    scores = {name: torch.rand(lin.mask.shape) for name, lin in linears_by_name(model).items()}
     with pytest.raises(
         ValueError, match=r"Mask of layer\.0\.fc_in has dtype torch\.float32 with values other than 0 and 1"
     ):

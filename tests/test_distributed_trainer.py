@@ -17,15 +17,11 @@ import torch.distributed as dist
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
-from pad_moe_transformers.core import named_pad_linears
+from pad_moe_transformers.partition.units import linears_by_name
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 TIMEOUT_S = 180
 
-
-def _pad_linears(model) -> dict:
-    """`{"layer.{i}.fc_in": PADExpertLinear}` of the model."""
-    return {ref.short_name: ref.module for ref in named_pad_linears(model)}
 
 
 def _free_port() -> int:
@@ -104,7 +100,7 @@ def test_rank0_save_loads(two_ranks):
     out, (r0, _) = two_ranks
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
     assert model.config.partition == r0["partition"]
-    for name, linear in _pad_linears(model).items():
+    for name, linear in linears_by_name(model).items():
         assert np.array_equal(linear.mask.numpy(), r0["arrays"][f"mask/{name}"]), name
     for name, param in model.named_parameters():
         assert torch.equal(param.detach(), torch.from_numpy(r0["arrays"][f"param/{name}"])), name

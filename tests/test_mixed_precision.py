@@ -10,13 +10,8 @@ from test_partition import _batches, _tiny_model
 from transformers import Trainer
 
 import pad_moe_transformers as pmt
-from pad_moe_transformers.core import named_pad_linears
 from pad_moe_transformers.partition import partition_model
-
-
-def _pad_linears(model) -> dict:
-    """`{"layer.{i}.fc_in": PADExpertLinear}` of the model."""
-    return {ref.short_name: ref.module for ref in named_pad_linears(model)}
+from pad_moe_transformers.partition.units import linears_by_name
 
 
 def _cpu_autocast_supported(dtype: torch.dtype) -> bool:
@@ -89,7 +84,7 @@ def test_trainer_bf16_with_the_callback(tmp_path):
     assert all(moe.router.weight.dtype == torch.float32 for moe in trainer.model.moe_layers)
     agreement = mask_agreement(fp32_callback.result.masks, callback.result.masks)
     assert agreement >= 0.99, agreement  # measured 0.9951 (torch 2.13, CPU)
-    for name, linear in _pad_linears(trainer.model).items():  # the same exact ratio either way
+    for name, linear in linears_by_name(trainer.model).items():  # the same exact ratio either way
         assert linear.num_dynamic() == int(fp32_callback.result.masks[name].sum())
 
 

@@ -15,7 +15,6 @@ from scipy.stats import spearmanr
 from transformers import AutoModelForSequenceClassification, BertConfig
 
 import pad_moe_transformers as pmt
-from pad_moe_transformers.core import named_pad_linears
 from pad_moe_transformers.partition import (
     expert_warmup,
     imp_schedule,
@@ -24,11 +23,9 @@ from pad_moe_transformers.partition import (
     partition_model,
     select_masks,
 )
+from pad_moe_transformers.partition.units import linears_by_name
 
-
-def pad_linears(model) -> dict[str, pmt.PADExpertLinear]:
-    """The PAD linears by the names partition results and metadata use (`PADLinearRef.short_name`)."""
-    return {ref.short_name: ref.module for ref in named_pad_linears(model)}
+pad_linears = linears_by_name  # the PAD linears by the names partition results and metadata use
 
 
 def _tiny_model(seed: int = 0, hidden: int = 16, inter: int = 32, layers: int = 2, experts: int = 4, **pad_kwargs):
