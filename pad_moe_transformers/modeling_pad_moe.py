@@ -31,6 +31,9 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, logging
 
 from .architectures import PAD_FFN_LAYOUTS, get_layout, iter_layers
+from .checkpoint.hub import push_pad_to_hub
+from .checkpoint.load import load_pad_checkpoint, upcycle
+from .checkpoint.save import save_pad_pretrained
 from .configuration_pad_moe import PADMoEConfig
 from .conversion import convert_ffn_to_pad_moe
 from .core.pad_weight import PADWeight, static_from_experts
@@ -44,6 +47,7 @@ from .modeling_outputs import (
     PADMoETokenClassifierOutput,
 )
 from .moe import PADMoEFeedForward
+from .partition.metadata import verify_partition_metadata
 from .reports import ParameterReport, parameter_report
 from .router import TopKRouter, expert_counts, load_balancing_loss, real_tokens, router_z_loss
 from .routing_records import RoutingRecord, recording_routing
@@ -137,8 +141,6 @@ class PADMoEPreTrainedModel(PreTrainedModel):
         """
         # Overridden for what Transformers' loader has no hook for: upcycling a checkpoint of another model
         # type, and the family's base-model prefix one level down (`model.bert.` vs `model.`) across heads.
-        from .checkpoint.load import load_pad_checkpoint, upcycle
-
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             checkpoint_config = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)[0]
@@ -172,16 +174,13 @@ class PADMoEPreTrainedModel(PreTrainedModel):
             for key in ("model_card", "base_model", "eval_results", "tags"):
                 kwargs.pop(key, None)
             return super().save_pretrained(save_directory, *args, **kwargs)
-        from .checkpoint.save import save_pad_pretrained
-        from .partition.metadata import verify_partition_metadata
-
         verify_partition_metadata(self)  # never write a checkpoint whose config.partition contradicts its masks
         return save_pad_pretrained(self, save_directory, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the compact checkpoint, config and generated model card to the Hub."""
-        from .checkpoint.hub import push_pad_to_hub
-
+        # Overridden: Transformers' push_to_hub replaces the README that save_pretrained wrote with the repo's
+        # card or a generic one.
         return push_pad_to_hub(self, repo_id, **kwargs)
 
     # ----------------------------------------------------------------------------------- forward

@@ -28,12 +28,15 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
+from transformers import AutoModel, AutoModelForSequenceClassification
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
+from transformers.utils import cached_file
 
 from ..core.compact import decode_compact, encode_compact
 from ..core.registry import named_pad_linears
 from ..core.scale_factors import SCALE_FACTOR_NAMES
+from ..partition.metadata import verify_partition_metadata
 from .format import (
     LAYOUT_MOE,
     METADATA_LINEARS,
@@ -135,8 +138,6 @@ def resolve_checkpoint_files(
 ) -> tuple[list[str], dict | None]:
     """Local paths of the safetensors files of a checkpoint directory or hub repo (downloaded and
     cached through `transformers.utils.cached_file`), and the parsed shard index if sharded."""
-    from transformers.utils import cached_file
-
     download_kwargs = {k: v for k, v in (download_kwargs or {}).items() if v is not None}
     path = os.fspath(path)
 
@@ -242,16 +243,12 @@ _DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", 
 
 
 def _is_base(cls: type) -> bool:
-    from transformers import AutoModel
-
     return cls._auto_class_for_head is AutoModel
 
 
 def _cross_head_key_mapping(cls: type, checkpoint_config: Mapping[str, Any], config: Any) -> dict[str, str] | None:
     """Key renaming between a checkpoint of the base model (`model.embeddings...`) and a head class
     (`model.bert.embeddings...`), in either direction, as Transformers does one level up for plain models."""
-    from transformers import AutoModelForSequenceClassification
-
     architectures = checkpoint_config.get("architectures") or []
     saved_base = any(name == "PADMoEModel" for name in architectures)
     family_prefix = AutoModelForSequenceClassification._model_mapping[type(config.base_config)].base_model_prefix
@@ -297,8 +294,6 @@ def load_pad_checkpoint(
         kwargs["key_mapping"] = {**mapping, **(kwargs.get("key_mapping") or {})}
     want_info = kwargs.pop("output_loading_info", False)
     model, info = base_from_pretrained(path, *model_args, config=config, output_loading_info=True, **kwargs)
-
-    from ..partition.metadata import verify_partition_metadata
 
     verify_partition_metadata(model)
     return (model, info) if want_info else model
