@@ -5,7 +5,7 @@
 Measures, on a MiniLM-sized model (6 layers, hidden 384, FFN 1536, 8 experts, top-2, kappa 0.5)
 and on one BERT-base-sized layer (hidden 768, FFN 3072):
 - FFN layer forward (batch 32 x 128 tokens), training mode (weights of eq. 4 formed each call),
-  forward + backward, and inference mode (eval + no_grad: merged weights cached);
+  forward + backward, and inference mode (eval + no_grad; eq. 4 formed in every forward, no cache);
 - a full training step of the whole model (forward + backward + AdamW, batch 32 x 128);
 - whole-model inference at batch 1 and batch 32 (sequence 128);
 - peak resident memory of a process that builds the model and runs 2 training steps.

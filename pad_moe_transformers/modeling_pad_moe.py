@@ -128,8 +128,7 @@ class PADMoEPreTrainedModel(PreTrainedModel):
                 for bias in (getattr(module, "expert_bias", None), getattr(module, "static_bias", None)):
                     if bias is not None:
                         init.zeros_(bias)
-        if hasattr(self, "expert_counts"):
-            init.zeros_(self.expert_counts)
+        init.zeros_(self.expert_counts)
 
     # ----------------------------------------------------------------------------------- loading & saving
     @classmethod

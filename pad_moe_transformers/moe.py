@@ -89,9 +89,13 @@ class PADMoEFeedForward(nn.Module):
 
     def _experts_forward(self, x: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
         """`x` `(N, H)`, `gates`/`experts` `(N, k)` -> gate-weighted sum of the selected experts `(N, H)`."""
-        weight_in = self.fc_in.effective_weight()  # (E, I, H)
-        weight_out = self.fc_out.effective_weight()  # (E, H, I)
+        # `unbind`, not indexing: each expert's weight gradient then lands in the one stacked gradient instead of
+        # a zero-filled (E, out, in) tensor per expert (which costs a train step time and memory).
+        weight_in = self.fc_in.effective_weight().unbind(0)  # E x (I, H)
+        weight_out = self.fc_out.effective_weight().unbind(0)  # E x (H, I)
         bias_in, bias_out = self.fc_in.effective_bias(), self.fc_out.effective_bias()
+        bias_in = None if bias_in is None else bias_in.unbind(0)
+        bias_out = None if bias_out is None else bias_out.unbind(0)
 
         def expert_fn(expert: int, x_e: Tensor) -> Tensor:
             h = self.activation(
@@ -162,13 +166,13 @@ class PADMoEFeedForward(nn.Module):
             "static_in": pad_merge(static_in.unsqueeze(0), static_in, fc_in.mask[sta], l_s_in, l_d_in)[0],
             "static_in_bias": None if fc_in.static_bias is None else fc_in.static_bias[sta],  # (I_s,)
             "static_out": pad_merge(static_out.unsqueeze(0), static_out, fc_out.mask[:, sta], l_s_out, l_d_out)[0],
-            "expert_in": pad_merge(  # (E, I_d, H)
+            "expert_in": pad_merge(  # E x (I_d, H)
                 fc_in.expert_weight[:, dyn], fc_in.static_weight[dyn], fc_in.mask[dyn], l_s_in, l_d_in
-            ),
-            "expert_in_bias": None if fc_in.expert_bias is None else fc_in.expert_bias[:, dyn],  # (E, I_d)
-            "expert_out": pad_merge(  # (E, H, I_d)
+            ).unbind(0),
+            "expert_in_bias": None if fc_in.expert_bias is None else fc_in.expert_bias[:, dyn].unbind(0),  # E x (I_d,)
+            "expert_out": pad_merge(  # E x (H, I_d)
                 fc_out.expert_weight[:, :, dyn], fc_out.static_weight[:, dyn], fc_out.mask[:, dyn], l_s_out, l_d_out
-            ),
+            ).unbind(0),
         }
 
     def _neuron_experts_forward(self, x: Tensor, gates: Tensor, experts: Tensor) -> Tensor:

@@ -80,19 +80,17 @@ class PADExpertLinear(PADWeight):
                     module.static_bias.copy_(linear.bias.detach())
         return module
 
-    def expert_bias_of(self, expert: int) -> Tensor | None:
-        """Bias of one expert, `(out,)`: its own where the output unit is dynamic, else the static bias."""
-        if self.expert_bias is None:
-            return None
-        if self.static_bias is None:
-            return self.expert_bias[expert]
-        return torch.where(self.mask.any(dim=1), self.expert_bias[expert], self.static_bias)
-
     def effective_bias(self) -> Tensor | None:
-        """`(E, out)` biases of all experts (see `expert_bias_of`)."""
+        """`(E, out)` biases of all experts: each expert's own where the output unit is dynamic, else the static
+        bias (neuron-structured partitions only; without a static bias every unit uses the expert's own)."""
         if self.expert_bias is None or self.static_bias is None:
             return self.expert_bias
         return torch.where(self.mask.any(dim=1), self.expert_bias, self.static_bias)
+
+    def expert_bias_of(self, expert: int) -> Tensor | None:
+        """`(out,)` bias of one expert (see `effective_bias`)."""
+        bias = self.effective_bias()
+        return None if bias is None else bias[expert]
 
     def extra_repr(self) -> str:
         return (

@@ -154,7 +154,8 @@ def fsdp_checks(out_dir: str, rank: int) -> dict:
         modes[mode] = info
     result["modes"] = modes
 
-    # 2. The default model (scale_factor_mode="sum2") under FSDP2: sharding, training, the eval cache, partition.
+    # 2. The default model (scale_factor_mode="sum2") under FSDP2: sharding, training, eval with and without
+    # autograd, partition.
     model = _fsdp_model()
     reference = {n: lin.mask.clone() for n, lin in linears_by_name(model).items()}
     initial_scale = _scale_parameters(model)["scale_logit"].detach().clone()
@@ -179,9 +180,9 @@ def fsdp_checks(out_dir: str, rank: int) -> dict:
         optimizer.zero_grad()
     result["scale_logit_grads"] = scale_grads
     model.eval()
-    with torch.no_grad():  # merged-weight cache (eval, no autograd)
+    with torch.no_grad():  # eval without autograd
         cached = model(**batches[0]).logits
-    with torch.enable_grad():  # no cache
+    with torch.enable_grad():  # eval with autograd: the same eq. 4 on the weights FSDP gathers
         uncached = model(**batches[0]).logits.detach()
     result["eval_moved"] = not torch.allclose(before, cached)
     result["cached_minus_uncached"] = float((cached - uncached).abs().max())

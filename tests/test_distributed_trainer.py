@@ -201,7 +201,7 @@ def test_fsdp_accepts_the_scale_factors_of_every_mode(two_ranks):
             assert info["fsdp1_scales"][name] == other["fsdp1_scales"][name], (mode, name)
 
 
-def test_fsdp2_shards_experts_keeps_masks_whole_and_the_cache_valid(two_ranks):
+def test_fsdp2_shards_experts_keeps_masks_whole_and_eval_consistent(two_ranks):
     """The default model (scale_factor_mode="sum2") under FSDP2, one unit per BertLayer."""
     fsdp = _fsdp(two_ranks)
     assert fsdp["expert_weight_local_shape"] == [2, 32, 16]  # dim 0 (experts) split over the 2 ranks
@@ -210,7 +210,7 @@ def test_fsdp2_shards_experts_keeps_masks_whole_and_the_cache_valid(two_ranks):
     assert len(fsdp["scale_logit_grads"]) == 3 and all(g > 0 for g in fsdp["scale_logit_grads"])
     assert fsdp["scale_logit_moved"][0] == 0.0 and fsdp["scale_logit_moved"][1] != 0.0
     assert fsdp["masks_unchanged"] and fsdp["eval_moved"]
-    assert fsdp["cached_minus_uncached"] == 0.0  # the eval cache follows the weights FSDP gathers
+    assert fsdp["cached_minus_uncached"] == 0.0  # no-grad and autograd eval agree on the weights FSDP gathers
     assert fsdp["partition_sharded"].startswith("Mode partition needs the full (unsharded) weights")
 
 

@@ -34,7 +34,6 @@ from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.utils import cached_file
 
 from ..core.compact import decode_compact, encode_compact
-from ..core.registry import named_pad_linears
 from ..core.scale_factors import SCALE_FACTOR_NAMES
 from ..partition.metadata import verify_partition_metadata
 from .format import (
@@ -45,10 +44,12 @@ from .format import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     add_variant,
+    pad_linear_modules,
     pad_prefix_of,
 )
 from .validate import (
     PADCheckpointError,
+    PADCheckpointFilesMissingError,
     check_compact_values,
     check_dense_experts,
     check_file_integrity,
@@ -174,7 +175,7 @@ def resolve_checkpoint_files(
                 f"{path!r} holds only {unsafe} (a pickle file). PAD-MoE checkpoints are loaded from safetensors "
                 "only; convert it with a trusted loader and `save_pretrained`."
             )
-    raise PADCheckpointError(
+    raise PADCheckpointFilesMissingError(
         f"No {add_variant(WEIGHTS_NAME, variant)} or {add_variant(WEIGHTS_INDEX_NAME, variant)} found in {path!r}."
     )
 
@@ -325,7 +326,7 @@ def validate_pad_tensors(
     with torch.device("meta"):
         skeleton = cls(copy.deepcopy(config))
     layout = check_metadata(metadata, config, skeleton)
-    linears = {ref.name + ".": ref.module for ref in named_pad_linears(skeleton)}
+    linears = pad_linear_modules(skeleton)
     if mapping is None:
         check_saved_linears(metadata, linears)
     stored: dict[str, Tensor] = {}

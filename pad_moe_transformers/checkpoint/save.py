@@ -29,7 +29,6 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.utils.hub import convert_file_size_to_int
 
-from ..core import named_pad_linears
 from ..modelcard import has_foreign_readme, load_eval_results, write_model_card
 from .codec import compact_state_dict
 from .format import (
@@ -40,6 +39,7 @@ from .format import (
     WEIGHTS_NAME,
     add_variant,
     linear_shape,
+    pad_linear_modules,
     pad_prefix_of,
     weights_stem,
 )
@@ -195,7 +195,7 @@ def _write_checkpoint_files(
 ) -> SavedCheckpoint:
     """Write the weight files into `save_directory` (a fresh staging directory)."""
     tensors, metadata = compact_state_dict(model, state_dict)
-    linears = {ref.name + ".": ref.module for ref in named_pad_linears(model)}
+    linears = pad_linear_modules(model)
     shards = _shard(tensors, linears, max_shard_size, add_variant(WEIGHTS_NAME, variant))
     files = []
     weight_map = {}

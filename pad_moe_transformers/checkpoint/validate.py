@@ -38,6 +38,11 @@ class PADCheckpointError(ValueError):
     tensor, file or config field at fault."""
 
 
+class PADCheckpointFilesMissingError(PADCheckpointError, OSError):
+    """No weights file of the checkpoint (or of the requested variant) was found: an `OSError`, as Transformers
+    raises for a plain model."""
+
+
 def fail(message: str) -> NoReturn:
     raise PADCheckpointError(message)
 

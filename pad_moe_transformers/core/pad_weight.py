@@ -77,17 +77,6 @@ class PADWeight(nn.Module):
     def dynamic_ratio(self) -> float:
         return self.num_dynamic() / self.mask.numel()
 
-    def reset_pad_parameters(self, std: float) -> None:
-        """From-scratch init: random experts, static weight = their mean, mask all dynamic, l_s = l_d = 1."""
-        with torch.no_grad():
-            nn.init.normal_(self.expert_weight, mean=0.0, std=std)
-            self.static_weight.copy_(static_from_experts(self.expert_weight))
-            self.mask.fill_(True)
-            for name in SCALE_FACTOR_NAMES:
-                parameter = getattr(self, name, None)
-                if parameter is not None:
-                    parameter.fill_(0.0 if name == "scale_logit" else 1.0)
-
     # --- loading ---------------------------------------------------------------------------------
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
