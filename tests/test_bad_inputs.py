@@ -245,15 +245,7 @@ def test_partition_nan_or_inf_in_the_inputs(value):
 
 
 def test_partition_nan_regression_labels():
-    base = BertConfig(
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        vocab_size=50,
-        max_position_embeddings=32,
-        num_labels=1,
-    )
+    base = BertConfig(**{**BASE.to_dict(), "num_labels": 1})  # BASE with a regression head
     model = pmt.PADMoEForSequenceClassification(pmt.PADMoEConfig(base_config=base, num_experts=4))
     batches = [_with(b, labels=torch.randn(b["labels"].shape[0])) for b in _batches(n=2)]
     assert torch.isfinite(model(**batches[0]).loss)
