@@ -5,6 +5,7 @@ test_checkpoint.py, partition argument errors in test_partition.py)."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 
@@ -245,7 +246,8 @@ def test_partition_nan_or_inf_in_the_inputs(value):
 
 
 def test_partition_nan_regression_labels():
-    base = BertConfig(**{**BASE.to_dict(), "num_labels": 1})  # BASE with a regression head
+    base = copy.deepcopy(BASE)
+    base.num_labels = 1  # a regression head
     model = pmt.PADMoEForSequenceClassification(pmt.PADMoEConfig(base_config=base, num_experts=4))
     batches = [_with(b, labels=torch.randn(b["labels"].shape[0])) for b in _batches(n=2)]
     assert torch.isfinite(model(**batches[0]).loss)
