@@ -1,7 +1,8 @@
-"""pad_moe_transformers: partially dynamic Mixture-of-Experts (PAD-Net) for BERT-family encoders.
+"""pad_moe_transformers: partially dynamic Mixture-of-Experts (PAD-Net) for BERT-family encoders, and PAD
+dynamic convolution (`vision`) for ResNet and MobileNetV2.
 
-Importing the package registers the `pad_moe` model type with the Transformers Auto classes, so
-`AutoConfig` / `AutoModel*` `.from_pretrained` load PAD-MoE checkpoints without `trust_remote_code`.
+Importing the package registers the `pad_moe` and `pad_dyconv` model types with the Transformers Auto classes,
+so `AutoConfig` / `AutoModel*` `.from_pretrained` load PAD checkpoints without `trust_remote_code`.
 
 The names that need the Trainer stack (`IMPTrainerCallback`, the optimizer-group helpers of
 `training.py`) are imported on first access (PEP 562), so that `import pad_moe_transformers` (and the
@@ -43,25 +44,50 @@ from .partition import (
     perturb_experts,
 )
 from .router import TopKRouter, load_balancing_loss, router_z_loss
+from .vision import (
+    PAD_DYCONV_MODEL_CLASSES,
+    PAD_DYCONV_STEMS,
+    KernelAttention,
+    PADDyConvConfig,
+    PADDyConvForImageClassification,
+    PADDyConvModel,
+    PADDyConvPreTrainedModel,
+    PADDynamicConv2d,
+    convert_convs_to_pad_dyconv,
+)
 
 AutoConfig.register(PADMoEConfig.model_type, PADMoEConfig, exist_ok=True)
 for _auto_class, _pad_class in PAD_MODEL_CLASSES.items():
     _auto_class.register(PADMoEConfig, _pad_class, exist_ok=True)
+AutoConfig.register(PADDyConvConfig.model_type, PADDyConvConfig, exist_ok=True)
+for _auto_class, _pad_class in PAD_DYCONV_MODEL_CLASSES.items():
+    _auto_class.register(PADDyConvConfig, _pad_class, exist_ok=True)
 
 # Public names whose modules import the Trainer stack: name -> module, imported on first access.
 _LAZY = {
     "IMPTrainerCallback": ".callbacks",  # partition inside Trainer.train()
     "pad_optimizer_cls_and_kwargs": ".training",  # own lr for routers and scale factors
     "pad_optimizer_grouped_parameters": ".training",
+    "TemperatureScheduleCallback": ".vision.temperature",  # DY-Conv's temperature schedule in Trainer.train()
+    "set_temperature": ".vision.temperature",
+    "temperature_at": ".vision.temperature",
 }
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
+    "PAD_DYCONV_MODEL_CLASSES",
+    "PAD_DYCONV_STEMS",
     "PAD_FFN_LAYOUTS",
     "SCALE_FACTOR_MODES",
     "FFNLayout",
     "IMPTrainerCallback",
+    "KernelAttention",
     "PADCheckpointError",
+    "PADDyConvConfig",
+    "PADDyConvForImageClassification",
+    "PADDyConvModel",
+    "PADDyConvPreTrainedModel",
+    "PADDynamicConv2d",
     "PADExpertLinear",
     "PADMoEConfig",
     "PADMoEFeedForward",
@@ -73,11 +99,13 @@ __all__ = [
     "PADMoEPreTrainedModel",
     "ParameterReport",
     "PartitionResult",
+    "TemperatureScheduleCallback",
     "TopKRouter",
     "__version__",
     "apply_partition",
     "attach_moe_p_constraints",
     "build_model_card",
+    "convert_convs_to_pad_dyconv",
     "convert_ffn_to_pad_moe",
     "load_balancing_loss",
     "moe_p_prune",
@@ -86,6 +114,8 @@ __all__ = [
     "partition_model",
     "perturb_experts",
     "router_z_loss",
+    "set_temperature",
+    "temperature_at",
     "theoretical_checkpoint_size",
 ]
 

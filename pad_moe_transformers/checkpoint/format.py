@@ -12,9 +12,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..core.compact import pack_mask, packed_mask_bytes, popcount, unpack_mask  # noqa: F401
+from ..core.pad_weight import PADWeight
 from ..core.registry import named_pad_linears
 from ..core.scale_factors import SCALE_FACTOR_NAMES
-from ..pad_linear import PADExpertLinear
 
 # pack_mask, packed_mask_bytes, popcount, unpack_mask: the mask packing lives in core.compact, re-exported here.
 
@@ -54,8 +54,9 @@ def weights_stem(weights_name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- model side
-def pad_linear_modules(model: nn.Module) -> dict[str, PADExpertLinear]:
-    """`{state-dict prefix (ending in '.'): PADExpertLinear}` of every PAD linear (`core.named_pad_linears`)."""
+def pad_linear_modules(model: nn.Module) -> dict[str, PADWeight]:
+    """`{state-dict prefix (ending in '.'): PAD weight}` of every PAD module (`core.named_pad_linears`): the PAD
+    linears of an MoE model, the PAD convolutions of a vision model."""
     return {ref.name + ".": ref.module for ref in named_pad_linears(model)}
 
 
@@ -76,9 +77,10 @@ def stored_scale_factor(tensor: Tensor) -> Tensor:
     return tensor.reshape(()) if tensor.dim() == 1 and tensor.numel() == 1 else tensor
 
 
-def linear_shape(linear: PADExpertLinear) -> list[int]:
-    """`[out, in]` of a PAD linear, as stored in `pad_moe.linears`."""
-    return [linear.out_features, linear.in_features]
+def linear_shape(linear: PADWeight) -> list[int]:
+    """The shape of one weight of a PAD module, as stored in `pad_moe.linears`: `[out, in]` of a PAD linear,
+    `[out, in / groups, kh, kw]` of a PAD convolution (the shape of its mask)."""
+    return list(linear.mask.shape)
 
 
 def tied_weight_keys(model: nn.Module) -> set[str]:
@@ -87,8 +89,12 @@ def tied_weight_keys(model: nn.Module) -> set[str]:
 
 
 def pad_config_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """The config fields that the tensors of a checkpoint depend on (stored as `pad_moe.config`)."""
+    """The config fields that the tensors of a checkpoint depend on (stored as `pad_moe.config`). A config with a
+    `checkpoint_fingerprint()` method (the vision config) gives its own; this is the PAD-MoE one."""
     config = model.config
+    own = getattr(config, "checkpoint_fingerprint", None)
+    if callable(own):
+        return own()
     layers = [index for index, _ in model.named_pad_layers()] if hasattr(model, "named_pad_layers") else None
     return {
         "base_model_type": config.base_model_type,

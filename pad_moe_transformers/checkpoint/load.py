@@ -22,19 +22,21 @@ import copy
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor
-from transformers import AutoModel, AutoModelForSequenceClassification
+from torch import Tensor, nn
+from transformers import AutoModel, PreTrainedConfig
+from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.utils import cached_file
 
 from ..core.compact import decode_compact, encode_compact
-from ..core.scale_factors import SCALE_FACTOR_NAMES
+from ..core.pad_weight import PADWeight, static_from_experts
+from ..core.scale_factors import SCALE_FACTOR_INIT, SCALE_FACTOR_NAMES
 from ..partition.metadata import verify_partition_metadata
 from .format import (
     LAYOUT_MOE,
@@ -121,16 +123,42 @@ class ScaleFactorShape(ConversionOps):
 
 _SCALE_FACTOR_PATTERN = "(" + "|".join(SCALE_FACTOR_NAMES) + ")"
 
-register_checkpoint_conversion_mapping(
-    "pad_moe",
-    [
-        WeightConverter(source_patterns=list(_COMPACT), target_patterns=list(_DENSE), operations=[DecodeCompact()]),
-        WeightConverter(
-            source_patterns=_SCALE_FACTOR_PATTERN, target_patterns=r"\1", operations=[ScaleFactorShape()]
-        ),
-    ],
-    overwrite=True,
-)
+def register_pad_conversions(model_type: str) -> None:
+    """Register the PAD weight conversions (compact decoding, scale-factor shapes) for the PAD `model_type`, so that
+    Transformers' loader decodes the PAD modules of its checkpoints (every PAD model type calls this once)."""
+    register_checkpoint_conversion_mapping(
+        model_type,
+        [
+            WeightConverter(
+                source_patterns=list(_COMPACT), target_patterns=list(_DENSE), operations=[DecodeCompact()]
+            ),
+            WeightConverter(
+                source_patterns=_SCALE_FACTOR_PATTERN, target_patterns=r"\1", operations=[ScaleFactorShape()]
+            ),
+        ],
+        overwrite=True,
+    )
+
+
+register_pad_conversions("pad_moe")
+
+PAD_MODEL_TYPES = {
+    "pad_moe": "a PAD-MoE text model: load it with AutoModelForSequenceClassification (or another text Auto class)",
+    "pad_dyconv": "a PAD dynamic-convolution vision model: load it with AutoModelForImageClassification or AutoModel",
+}
+"""The PAD model types of this package and how to load each, for the error when one is loaded as another."""
+
+
+def check_pad_model_type(cls: type, path: Any, checkpoint_type: str | None) -> None:
+    """Raise a `PADCheckpointError` when `path` holds a PAD checkpoint of another kind than `cls` loads (e.g. a
+    vision checkpoint given to a text PAD class)."""
+    own = cls.config_class.model_type
+    if checkpoint_type in PAD_MODEL_TYPES and checkpoint_type != own:
+        raise PADCheckpointError(
+            f"The checkpoint at {str(path)!r} is a {checkpoint_type!r} checkpoint "
+            f"({PAD_MODEL_TYPES[checkpoint_type]}), but {cls.__name__} loads {own!r} checkpoints "
+            f"({PAD_MODEL_TYPES.get(own, own)})."
+        )
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -251,8 +279,9 @@ def _cross_head_key_mapping(cls: type, checkpoint_config: Mapping[str, Any], con
     """Key renaming between a checkpoint of the base model (`model.embeddings...`) and a head class
     (`model.bert.embeddings...`), in either direction, as Transformers does one level up for plain models."""
     architectures = checkpoint_config.get("architectures") or []
-    saved_base = any(name == "PADMoEModel" for name in architectures)
-    family_prefix = AutoModelForSequenceClassification._model_mapping[type(config.base_config)].base_model_prefix
+    base_class = AutoModel._model_mapping.get(cls.config_class, None)  # the PAD base-model class of this config
+    saved_base = base_class is not None and base_class.__name__ in architectures
+    family_prefix = AutoModel._model_mapping[type(config.base_config)].base_model_prefix
     if _is_base(cls) and not saved_base:
         return {rf"^model\.{family_prefix}\.": "model."}
     if not _is_base(cls) and saved_base:
@@ -367,7 +396,8 @@ def upcycle(cls: type, path, checkpoint_type: str | None, config: Any, model_arg
     if checkpoint_type != config.base_model_type:
         raise ValueError(
             f"The checkpoint at {path!r} is a {checkpoint_type!r} model but the PAD config wraps a "
-            f"{config.base_model_type!r} config; build the config with PADMoEConfig.from_base({str(path)!r})."
+            f"{config.base_model_type!r} config; build the config with "
+            f"{type(config).__name__}.from_base({str(path)!r})."
         )
     config.sync_base_config()
     want_info = kwargs.get("output_loading_info", False)
@@ -379,3 +409,74 @@ def upcycle(cls: type, path, checkpoint_type: str | None, config: Any, model_arg
     model.name_or_path = str(path)
     model.eval()  # like from_pretrained: the model comes back in eval mode
     return (model, info) if want_info else model
+
+
+def pad_from_pretrained(
+    cls: type,
+    path: Any,
+    model_args: tuple,
+    config: Any,
+    kwargs: dict[str, Any],
+    base_from_pretrained: Callable[..., Any],
+    dense_model_types: Iterable[str],
+):
+    """`from_pretrained` of a PAD class (`cls.config_class` a PAD config with `from_base`): upcycle a dense checkpoint
+    of one of `dense_model_types` (with the given PAD config, or a default one), load a PAD checkpoint of this
+    kind, refuse one of another PAD kind; anything else goes to Transformers' `base_from_pretrained`."""
+    if path is not None and kwargs.get("state_dict") is None:
+        hub_kwargs = {k: kwargs[k] for k in _DOWNLOAD_KWARGS if k in kwargs}
+        checkpoint_config = PreTrainedConfig.get_config_dict(path, **hub_kwargs)[0]
+        checkpoint_type = checkpoint_config.get("model_type")
+        check_pad_model_type(cls, path, checkpoint_type)
+        own = cls.config_class.model_type
+        if config is None and checkpoint_type in dense_model_types:  # a dense checkpoint: upcycle, default config
+            config = cls.config_class.from_base(path, hub_kwargs=hub_kwargs)
+        if isinstance(config, cls.config_class) and checkpoint_type != own:
+            return upcycle(cls, path, checkpoint_type, config, model_args, kwargs)
+        if checkpoint_type == own:
+            return load_pad_checkpoint(cls, path, checkpoint_config, model_args, config, kwargs, base_from_pretrained)
+    return base_from_pretrained(path, *model_args, config=config, **kwargs)
+
+
+def initialize_pad_weight(
+    module: PADWeight,
+    init_dynamic: Callable[[Tensor], None],
+    init_static: Callable[[Tensor], None] | None = None,
+) -> None:
+    """Initialise the tensors of one PAD module that Transformers has not marked as loaded (`initialize_weights`).
+
+    `init_dynamic(expert_weight)` draws the dynamic weights. The static weight is drawn by `init_static` when it
+    is given and the dynamic weights were drawn here too (a model built from scratch); otherwise it is derived from
+    the dynamic weights (their common value while equal, as after loading a never-partitioned "moe"-layout
+    checkpoint, which stores no static weight). The mask is all dynamic, the scale factors at l_s = l_d = 1 and the
+    biases zero. Each `transformers.initialization` call skips a tensor flagged as loaded, so loaded and upcycled
+    tensors are left alone."""
+    _materialize_derived_tensors(module)
+    drawn = not getattr(module.expert_weight, "_is_hf_initialized", False)
+    init_dynamic(module.expert_weight)
+    if drawn and init_static is not None:
+        if not getattr(module.static_weight, "_is_hf_initialized", False):
+            init_static(module.static_weight)
+    elif module.expert_weight.device.type != "meta":  # no values to derive from on the meta device
+        init.copy_(module.static_weight, static_from_experts(module.expert_weight.detach()))
+    init.ones_(module.mask)
+    for name in SCALE_FACTOR_INIT:
+        if getattr(module, name, None) is not None:
+            init.constant_(getattr(module, name), SCALE_FACTOR_INIT[name])
+    for bias in (getattr(module, "expert_bias", None), getattr(module, "static_bias", None)):
+        if bias is not None:
+            init.zeros_(bias)
+
+
+def _materialize_derived_tensors(module: PADWeight) -> None:
+    """A "moe"-layout checkpoint stores no static weight and no mask: they are ignored missing keys, which
+    Transformers leaves on the meta device. Give them real storage beside the loaded experts before init."""
+    device = module.expert_weight.device
+    if device.type == "meta":
+        return
+    if module.static_weight.device.type == "meta":
+        module.static_weight = nn.Parameter(
+            torch.empty_like(module.static_weight, device=device), requires_grad=module.static_weight.requires_grad
+        )
+    if module.mask.device.type == "meta":
+        module.mask = torch.empty_like(module.mask, device=device)

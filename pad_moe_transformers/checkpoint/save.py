@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers.utils.hub import convert_file_size_to_int
 
 from ..modelcard import has_foreign_readme, load_eval_results, write_model_card
+from ..partition.metadata import verify_partition_metadata
 from .codec import compact_state_dict
 from .format import (
     FORMAT_VERSION,
@@ -300,3 +301,21 @@ def save_pad_pretrained(
     if push_to_hub:
         upload_files(save_directory, repo_id, written, commit_message=commit_message, token=token, create_pr=create_pr)
     return _relocated(staged, staging, save_directory)
+
+
+def pad_save_pretrained(
+    model: Any, save_directory: str | os.PathLike, args: tuple, kwargs: dict[str, Any], base_save_pretrained: Any
+) -> SavedCheckpoint | None:
+    """`save_pretrained` of a PAD model: the compact PAD checkpoint (`save_pad_pretrained`) after checking
+    `config.partition` against the masks; adapters (PEFT), distributed and quantized checkpoints fall back to
+    Transformers' own writer (`base_save_pretrained`), without the model-card options."""
+    if (
+        kwargs.get("distributed_checkpoint")
+        or getattr(model, "_hf_peft_config_loaded", False)
+        or getattr(model, "hf_quantizer", None)
+    ):
+        for key in _CARD_KWARGS:
+            kwargs.pop(key, None)
+        return base_save_pretrained(save_directory, *args, **kwargs)
+    verify_partition_metadata(model)  # never write a checkpoint whose config.partition contradicts its masks
+    return save_pad_pretrained(model, save_directory, *args, **kwargs)

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .._version import __version__
-from ..pad_linear import PADExpertLinear
+from ..core.pad_weight import PADWeight
 from .format import (
     COMPACT_SUFFIXES,
     FORMAT_VERSION,
@@ -114,7 +114,7 @@ def check_metadata(metadata: Mapping[str, str], config: Any, model: nn.Module | 
     return layout
 
 
-def check_saved_linears(metadata: Mapping[str, str], linears: Mapping[str, PADExpertLinear]) -> None:
+def check_saved_linears(metadata: Mapping[str, str], linears: Mapping[str, PADWeight]) -> None:
     """Every PAD linear listed in `pad_moe.linears` exists in the model, with the same `[out, in]`."""
     try:
         saved_linears = json.loads(metadata.get(METADATA_LINEARS, "{}"))
@@ -152,10 +152,11 @@ def _check_float(key: str, tensor: Tensor) -> None:
         fail(f"Tensor {key!r} has dtype {tensor.dtype}; a floating-point dtype is expected.")
 
 
-def _experts_shape_error(key: str, found: tuple, expected: tuple) -> NoReturn:
+def _experts_shape_error(key: str, found: tuple, expected: tuple, field: str = "num_experts") -> NoReturn:
     if len(found) == len(expected) and found[0] != expected[0]:
+        noun = "experts" if field == "num_experts" else "kernels"
         fail(
-            f"Tensor {key!r} holds {found[0]} experts but config field 'num_experts' is {expected[0]} "
+            f"Tensor {key!r} holds {found[0]} {noun} but config field {field!r} is {expected[0]} "
             f"(shape {list(found)}, expected {list(expected)})."
         )
     fail(
@@ -164,27 +165,31 @@ def _experts_shape_error(key: str, found: tuple, expected: tuple) -> NoReturn:
     )
 
 
-def check_dense_experts(prefix: str, linear: PADExpertLinear, expert: Tensor) -> None:
+def _count_field(linear: PADWeight) -> str:
+    """The config field that sets the number of dynamic weights of `linear` (experts or kernels)."""
+    return "num_kernels" if hasattr(linear, "num_kernels") else "num_experts"
+
+
+def check_dense_experts(prefix: str, linear: PADWeight, expert: Tensor) -> None:
     """The `expert_weight` `[E, out, in]` of a `moe`-layout PAD linear."""
     key = prefix + "expert_weight"
     _check_float(key, expert)
-    expected = (linear.num_experts, linear.out_features, linear.in_features)
+    expected = (linear.num_experts, *linear.mask.shape)
     if _shape(expert) != expected:
-        _experts_shape_error(key, _shape(expert), expected)
+        _experts_shape_error(key, _shape(expert), expected, _count_field(linear))
 
 
-def check_packed_mask(prefix: str, linear: PADExpertLinear, packed: Tensor) -> int:
+def check_packed_mask(prefix: str, linear: PADWeight, packed: Tensor) -> int:
     """The `mask_packed` of a compact PAD linear: dtype, length, zero padding bits. Returns its set bits."""
     key = prefix + "mask_packed"
-    out_features, in_features = linear.out_features, linear.in_features
-    numel = out_features * in_features
+    numel = linear.mask.numel()
     if packed.dtype != torch.uint8:
         fail(f"Tensor {key!r} has dtype {packed.dtype}; the packed mask must be uint8.")
     n_bytes = packed_mask_bytes(numel)
     if _shape(packed) != (n_bytes,):
         fail(
-            f"Tensor {key!r} has shape {list(packed.shape)}; a [{out_features}, {in_features}] mask packs into "
-            f"[{n_bytes}] bytes (check the config's hidden/intermediate sizes)."
+            f"Tensor {key!r} has shape {list(packed.shape)}; a {list(linear.mask.shape)} mask packs into "
+            f"[{n_bytes}] bytes (check the config's layer sizes)."
         )
     if numel % 8 and int(packed[-1]) >> (numel % 8):
         fail(f"Tensor {key!r} has bits set past the {numel} mask entries (padding bits must be zero).")
@@ -192,15 +197,17 @@ def check_packed_mask(prefix: str, linear: PADExpertLinear, packed: Tensor) -> i
 
 
 def check_compact_values(
-    prefix: str, linear: PADExpertLinear, nnz: int, static_values: Tensor, expert_values: Tensor
+    prefix: str, linear: PADWeight, nnz: int, static_values: Tensor, expert_values: Tensor
 ) -> None:
     """The `static_values` / `expert_values` of a compact PAD linear whose packed mask has `nnz` set bits."""
     key = prefix + "mask_packed"
-    numel = linear.out_features * linear.in_features
+    numel = linear.mask.numel()
     _check_float(prefix + "static_values", static_values)
     _check_float(prefix + "expert_values", expert_values)
     if expert_values.dim() != 2 or expert_values.shape[0] != linear.num_experts:
-        _experts_shape_error(prefix + "expert_values", _shape(expert_values), (linear.num_experts, nnz))
+        _experts_shape_error(
+            prefix + "expert_values", _shape(expert_values), (linear.num_experts, nnz), _count_field(linear)
+        )
     if expert_values.shape[1] != nnz:
         fail(
             f"Tensor {prefix}expert_values stores {expert_values.shape[1]} values per expert but {key} has {nnz} "
@@ -230,7 +237,7 @@ def check_state_tensor(key: str, tensor: Tensor, want: Tensor) -> None:
         fail(f"Tensor {key!r} has dtype {tensor.dtype}, the model expects {want.dtype}.")
 
 
-def check_no_unexpected(unexpected: list[str], linears: Mapping[str, PADExpertLinear]) -> None:
+def check_no_unexpected(unexpected: list[str], linears: Mapping[str, PADWeight]) -> None:
     """Refuse tensors that the model does not have (e.g. PAD tensors of a layer the config does not convert)."""
     if not unexpected:
         return

@@ -3,6 +3,6 @@
 See docs/architecture.md for the contract.
 """
 
-from .registry import PADLinearRef, named_pad_linears
+from .registry import PADLinearRef, named_pad_linears, named_pad_weights
 
-__all__ = ["PADLinearRef", "named_pad_linears"]
+__all__ = ["PADLinearRef", "named_pad_linears", "named_pad_weights"]

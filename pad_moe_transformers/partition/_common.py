@@ -1,7 +1,8 @@
 """Shared helpers of the partition code: the model check, the task loss, scoring mode, DDP collectives.
 
-The partition code knows a PAD model by its config (`PADMoEConfig`) and its PAD linears
-(`core.named_pad_linears`); it does not import the modeling module, so the checkpoint loader can use
+The partition code knows a PAD model by its config (`PADMoEConfig`, or any config class marked
+`is_pad_config = True`, e.g. `PADDyConvConfig`) and its PAD weights (`core.named_pad_linears`: PAD linears or
+PAD convolutions); it does not import the modeling modules, so the checkpoint loader can use
 `partition.metadata` without an import cycle.
 """
 
@@ -26,10 +27,16 @@ def partition_granularity(model: nn.Module) -> str:
     return getattr(model.config, "partition_granularity", "element")
 
 
+def is_pad_config(config: Any) -> bool:
+    """Whether `config` is the config of a PAD model of this package (`PADMoEConfig`, or a class that declares
+    `is_pad_config = True`, as `PADDyConvConfig` does)."""
+    return isinstance(config, PADMoEConfig) or bool(getattr(type(config), "is_pad_config", False))
+
+
 def check_model(model: Any) -> nn.Module:
     """Return `model` (or the PAD model it wraps, e.g. under DDP) or raise a `TypeError` saying what to pass."""
     for candidate in (model, getattr(model, "module", None)):
-        if isinstance(getattr(candidate, "config", None), PADMoEConfig) and named_pad_linears(candidate):
+        if is_pad_config(getattr(candidate, "config", None)) and named_pad_linears(candidate):
             granularity = partition_granularity(candidate)
             if granularity not in GRANULARITIES:
                 raise ValueError(
@@ -38,9 +45,10 @@ def check_model(model: Any) -> nn.Module:
                 )
             return candidate
     raise TypeError(
-        "Mode partition needs a PAD-MoE model (a PADMoEPreTrainedModel, e.g. built with "
+        "Mode partition needs a PAD model: a PAD-MoE model (a PADMoEPreTrainedModel, e.g. built with "
         "`AutoModelForSequenceClassification.from_pretrained(dense_path, "
-        f"config=PADMoEConfig.from_base(dense_path))`), got {type(model).__name__}."
+        "config=PADMoEConfig.from_base(dense_path))`) or a PAD dynamic-convolution model (a "
+        f"PADDyConvPreTrainedModel), got {type(model).__name__}."
     )
 
 
@@ -81,9 +89,11 @@ def element_path(model: nn.Module) -> Iterator[None]:
 
     The neuron fast path reads the binary mask only, so the float relaxation of eq. 7
     (`PADExpertLinear.soft_mask`) would have no effect there. For neuron-structured binary masks both
-    paths compute the same function; for element models this is a no-op.
+    paths compute the same function; for element models and models without MoE layers (a PAD vision
+    model) this is a no-op.
     """
-    layers = [moe for _, moe in model.named_pad_layers()]
+    named_layers = getattr(model, "named_pad_layers", None)
+    layers = [moe for _, moe in named_layers()] if callable(named_layers) else []
     before = [moe.partition_granularity for moe in layers]
     try:
         for moe in layers:
@@ -98,15 +108,19 @@ def task_loss(model: nn.Module, batch: Batch, *, index: int = 0) -> Tensor:
     """The task loss of one batch (the model loss without the router auxiliary terms), a 0-d tensor.
 
     The router losses do not belong to eq. 5 (the paper's L is the task loss), so their weighted
-    values are subtracted again. Raises a `ValueError` for a non-finite loss.
+    values are subtracted again (when the output has them: a PAD vision model returns the task loss
+    alone). Raises a `ValueError` for a non-finite loss.
     """
     device = next(model.parameters()).device
     out = model(**{"return_dict": True, **to_device(batch, device)})
     if out.loss is None:
         raise ValueError(f"Partition batch {index}: the model returned no loss; pass batches with labels.")
-    loss = out.loss - model.config.router_aux_loss_coef * out.aux_loss.to(out.loss.dtype)
-    if model.config.router_z_loss_coef > 0:
-        loss = loss - model.config.router_z_loss_coef * out.z_loss.to(out.loss.dtype)
+    loss = out.loss
+    aux_loss, z_loss = out.get("aux_loss"), out.get("z_loss")
+    if aux_loss is not None:
+        loss = loss - model.config.router_aux_loss_coef * aux_loss.to(loss.dtype)
+    if z_loss is not None and model.config.router_z_loss_coef > 0:
+        loss = loss - model.config.router_z_loss_coef * z_loss.to(loss.dtype)
     if not torch.isfinite(loss):
         raise ValueError(
             f"Non-finite task loss ({loss.item()}) on partition batch {index}: the scores would be NaN/inf. "

@@ -12,18 +12,24 @@ import torch
 from torch import Tensor, nn
 
 from ..core import named_pad_linears
+from ..core.pad_weight import PADWeight
 from ..pad_linear import PADExpertLinear
 
 
-def linears_by_name(model: nn.Module) -> dict[str, PADExpertLinear]:
-    """`{short_name: PADExpertLinear}` in `named_pad_linears` order."""
+def linears_by_name(model: nn.Module) -> dict[str, PADWeight]:
+    """`{short_name: PAD weight}` in `named_pad_linears` order (PAD linears, or the PAD convolutions of a
+    vision model)."""
     return {ref.short_name: ref.module for ref in named_pad_linears(model)}
 
 
 def layer_linears(model: nn.Module) -> dict[str, tuple[PADExpertLinear, PADExpertLinear]]:
-    """`{"layer.{i}": (fc_in, fc_out)}` for every MoE layer, in order (the neuron units)."""
+    """`{"layer.{i}": (fc_in, fc_out)}` for every MoE layer, in order (the neuron units); empty for a model without
+    MoE layers (a PAD vision model, whose units are elements only)."""
     roles: dict[str, dict[str, PADExpertLinear]] = {}
-    for ref in named_pad_linears(model):
+    refs = named_pad_linears(model)
+    if all(ref.layer is None for ref in refs):
+        return {}
+    for ref in refs:
         if ref.layer is None or ref.role not in ("fc_in", "fc_out"):
             raise ValueError(
                 f"The PAD linear {ref.name} belongs to no MoE layer; neuron units need (fc_in, fc_out) pairs."
@@ -84,7 +90,7 @@ def current_masks(model: nn.Module) -> dict[str, Tensor]:
 
 
 def write_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    """Copy `{short_name: (out, in) bool}` into the model's mask buffers (only the masks, no weights)."""
+    """Copy `{short_name: bool mask}` into the model's mask buffers (only the masks, no weights)."""
     linears = linears_by_name(model)
     with torch.no_grad():
         for name, mask in masks.items():
