@@ -79,19 +79,18 @@ def test_unit_names_do_not_depend_on_the_head():
 
 
 @pytest.mark.parametrize("name", ["resnet_basic", "mobilenet_v2"])
-def test_from_config_draws_every_kernel_and_the_static_weight(name):
+def test_from_config_draws_every_kernel(name):
     torch.manual_seed(0)
     model = AutoModelForImageClassification.from_config(pmt.PADDyConvConfig.from_base(tiny_bases()[name]))
     for conv in model.pad_convs:
         w = conv.expert_weight
         assert not torch.equal(w[0], w[1]) and not torch.equal(w[0], conv.static_weight)
         assert bool(conv.mask.all()) and float(conv.attention.temperature) == 1.0
-        ratio = float(conv.static_weight.detach().std() / w.detach().std())  # the same init distribution
-        assert 0.5 < ratio < 2.0
+        torch.testing.assert_close(conv.static_weight, w.mean(dim=0))  # the static weight: the kernels' mean
     if name == "resnet_basic":  # ResNet's Kaiming normal (fan_out) init of every kernel
         conv = model.pad_convs[0]
         expected = (2.0 / (conv.out_channels * 9)) ** 0.5
-        assert abs(float(conv.expert_weight.std()) / expected - 1) < 0.2
+        assert abs(float(conv.expert_weight.detach().std()) / expected - 1) < 0.2
 
 
 def test_temperature_schedule_and_callback():

@@ -438,26 +438,16 @@ def pad_from_pretrained(
     return base_from_pretrained(path, *model_args, config=config, **kwargs)
 
 
-def initialize_pad_weight(
-    module: PADWeight,
-    init_dynamic: Callable[[Tensor], None],
-    init_static: Callable[[Tensor], None] | None = None,
-) -> None:
-    """Initialise the tensors of one PAD module that Transformers has not marked as loaded (`initialize_weights`).
-
-    `init_dynamic(expert_weight)` draws the dynamic weights. The static weight is drawn by `init_static` when it
-    is given and the dynamic weights were drawn here too (a model built from scratch); otherwise it is derived from
-    the dynamic weights (their common value while equal, as after loading a never-partitioned "moe"-layout
-    checkpoint, which stores no static weight). The mask is all dynamic, the scale factors at l_s = l_d = 1 and the
-    biases zero. Each `transformers.initialization` call skips a tensor flagged as loaded, so loaded and upcycled
-    tensors are left alone."""
+def initialize_pad_weight(module: PADWeight, init_dynamic: Callable[[Tensor], None]) -> None:
+    """Initialise the tensors of one PAD module that Transformers has not marked as loaded (`initialize_weights`):
+    `init_dynamic(expert_weight)` draws the dynamic weights, the static weight is derived from them (their mean,
+    which is their common value while equal: the convention of a never-partitioned "moe"-layout checkpoint, which
+    stores no static weight), the mask is all dynamic, the scale factors at l_s = l_d = 1 and the biases zero.
+    Each `transformers.initialization` call skips a tensor flagged as loaded, so loaded and upcycled tensors are
+    left alone."""
     _materialize_derived_tensors(module)
-    drawn = not getattr(module.expert_weight, "_is_hf_initialized", False)
     init_dynamic(module.expert_weight)
-    if drawn and init_static is not None:
-        if not getattr(module.static_weight, "_is_hf_initialized", False):
-            init_static(module.static_weight)
-    elif module.expert_weight.device.type != "meta":  # no values to derive from on the meta device
+    if module.expert_weight.device.type != "meta":  # no values to derive from on the meta device
         init.copy_(module.static_weight, static_from_experts(module.expert_weight.detach()))
     init.ones_(module.mask)
     for name in SCALE_FACTOR_INIT:

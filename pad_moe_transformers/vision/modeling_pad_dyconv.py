@@ -79,13 +79,13 @@ class PADDyConvPreTrainedModel(PreTrainedModel):
         # Extended, not replaced: the family's own `_init_weights` initialises its subtree (and the attention's
         # linears inside it) but does not know the PAD convolutions. They are initialised here, only the tensors
         # Transformers has not marked as loaded: from scratch each kernel gets its own draw of the family's conv
-        # init (as DY-Conv) and so does the static weight; a "moe"-layout checkpoint gets its static weights
-        # and masks rebuilt from the loaded kernels; upcycled copies are left alone.
+        # init (as DY-Conv) and the static weight is their mean (what the dynamic entries compute under the
+        # near-uniform attention of tau = 30, and what a never-partitioned checkpoint implies); a "moe"-layout
+        # checkpoint gets its static weights and masks rebuilt from the loaded kernels; upcycled copies stay.
         super().initialize_weights()
         for module in self.modules():
             if isinstance(module, PADDynamicConv2d):
-                draw = partial(_init_kernels, self.model, module)
-                initialize_pad_weight(module, draw, init_static=lambda static, draw=draw: draw(static.unsqueeze(0)))
+                initialize_pad_weight(module, partial(_init_kernels, self.model, module))
             elif isinstance(module, KernelAttention):
                 _init_attention(module)
                 # Non-persistent: never loaded, so set on every build (the inference temperature).
