@@ -216,10 +216,17 @@ def run_table(table: Table, args: argparse.Namespace) -> dict:
             if previous := finished_run(settings[job], Path(args.work_dir)):
                 finish(job, {**previous, "reused": True})
         return report if runs else write(table, [], args, complete=False)
+    failed = []
     with ThreadPoolExecutor(max_workers=1 if args.in_process else args.parallel) as pool:
         futures = {pool.submit(execute, settings[job], args): job for job in jobs}
         for future in as_completed(futures):
-            finish(futures[future], future.result())
+            try:
+                finish(futures[future], future.result())
+            except Exception as error:  # the other runs go on (hours of work); the table stays partial
+                failed.append(futures[future])
+                print(f"FAILED {futures[future]}: {error}", file=sys.stderr, flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {failed}; the report holds the others. Fix and rerun.")
     return report
 
 
