@@ -143,6 +143,10 @@ def main() -> None:
         if record.is_file():
             benchmark = json.loads(record.read_text())
             entry.update(seed=benchmark.get("seed"), score=benchmark.get("score"))
+            # The folder name ends in a hash of the settings; the label says what differs between runs.
+            details = [f"k{entry['dynamic_ratio']}", entry["partition"]] if mode == "pad" else []
+            details += [entry["scale_factor_mode"]] if entry["scale_factor_mode"] else []
+            entry["run"] = "_".join([task, mode, *map(str, details), f"s{entry['seed']}"])
         rows = weight_measures(model, w0)
         entry.update(summarise(rows), layers=rows)
         if isinstance(model, pmt.PADMoEPreTrainedModel):
