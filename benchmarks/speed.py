@@ -1,6 +1,6 @@
 """Speed and memory of dense FFN vs plain MoE vs element-wise and neuron-structured PAD-MoE, in one run.
 
-    python benchmarks/speed.py [--repeats 7] [--out benchmarks/results/speed.json]
+    python benchmarks/speed.py [--repeats 5] [--precisions fp32,bf16] [--out benchmarks/results/speed.json]
 
 Measures, on a MiniLM-sized model (6 layers, hidden 384, FFN 1536, 8 experts, top-2, kappa 0.5)
 and on one BERT-base-sized layer (hidden 768, FFN 3072):
@@ -8,16 +8,22 @@ and on one BERT-base-sized layer (hidden 768, FFN 3072):
   forward + backward, and inference mode (eval + no_grad; eq. 4 formed in every forward, no cache);
 - a full training step of the whole model (forward + backward + AdamW, batch 32 x 128);
 - whole-model inference at batch 1 and batch 32 (sequence 128);
-- peak resident memory of a process that builds the model and runs 2 training steps.
-Every number is a median over repeats; ratios are to the plain MoE and to the dense FFN of the
-same run. "Plain MoE" is the same routing/dispatch code with raw expert weights (no eq. 4), so the
-ratio isolates what PAD adds. Never run it while another torch process is busy: on 2 cores, two
-processes slow each other 2-5x.
+- peak resident memory of a process that builds the model and runs 2 training steps;
+- each in fp32 and under bf16 autocast (where the CPU has native bf16), and the layers also
+  compiled (`torch.compile`, inductor) when `--compile` is given.
+Kinds: ``dense`` FFN; ``moe`` (the PAD layer with raw expert weights: no eq. 4, no scale factors, so the
+ratio isolates what PAD adds); ``pad`` (element-wise, the paper); ``pad_neuron`` (neuron-structured);
+``hf_moe`` (Transformers' own `use_experts_implementation` experts on the same shapes and routing: an
+outside reference for the MoE). MoE kinds use the ``grouped_mm`` experts backend (Transformers' default);
+``moe@eager`` / ``pad@eager`` rows show the per-expert loop. Every number is a median over repeats; ratios
+are to the plain MoE and to the dense FFN of the same run. Never run it while another torch process is
+busy: on 2 cores, two processes slow each other 2-5x.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import platform
@@ -27,29 +33,61 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig
+from transformers.integrations.moe import use_experts_implementation
 
 import pad_moe_transformers as pmt
+from pad_moe_transformers.experts import ExpertWeights
+from pad_moe_transformers.precision import native_bf16_available
 
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
 BATCH, SEQ = 32, 128
+DEVICE = torch.device("cpu")
 
 
 class PlainMoEFeedForward(pmt.PADMoEFeedForward):
-    """Baseline: identical routing and dispatch, experts used as stored (no eq. 4, no scale factors)."""
+    """Baseline: identical routing and experts backend, experts used as stored (no eq. 4, no scale factors)."""
 
-    def _experts_forward(self, x: torch.Tensor, gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        # PADMoEFeedForward._experts_forward with `expert_weight` in place of `effective_weight()` (eq. 4).
-        weight_in, weight_out = self.fc_in.expert_weight, self.fc_out.expert_weight  # (E, I, H), (E, H, I)
-        bias_in, bias_out = self.fc_in.effective_bias(), self.fc_out.effective_bias()  # biases are not partitioned
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(
+            self.fc_in.expert_weight, self.fc_out.expert_weight,
+            self.fc_in.effective_bias(), self.fc_out.effective_bias(), self.activation,
+        )  # fmt: skip
 
-        def expert_fn(expert: int, x_e: torch.Tensor) -> torch.Tensor:
-            h = self.activation(F.linear(x_e, weight_in[expert], None if bias_in is None else bias_in[expert]))
-            return F.linear(h, weight_out[expert], None if bias_out is None else bias_out[expert])
 
-        return self._dispatch(x, gates, experts, expert_fn)
+@use_experts_implementation(has_gate=False, has_bias=True)
+class TransformersExperts(nn.Module):
+    """Experts as a Transformers MoE model declares them (3-D parameters, dispatched by the experts interface)."""
+
+    def __init__(self, config: PretrainedConfig, hidden: int, inter: int, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.up_proj = nn.Parameter(torch.randn(num_experts, inter, hidden) * 0.02)
+        self.up_proj_bias = nn.Parameter(torch.zeros(num_experts, inter))
+        self.down_proj = nn.Parameter(torch.randn(num_experts, hidden, inter) * 0.02)
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.act_fn = nn.GELU()
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # eager: not used (grouped_mm selected)
+        raise NotImplementedError("benchmark runs Transformers' grouped_mm experts")
+
+
+class TransformersMoE(nn.Module):
+    """Router (the same TopKRouter) + Transformers-declared experts, run by Transformers' grouped_mm."""
+
+    def __init__(self, hidden: int, inter: int, num_experts: int = 8) -> None:
+        super().__init__()
+        config = PretrainedConfig()
+        config._experts_implementation = "grouped_mm"
+        self.router = pmt.TopKRouter(hidden, num_experts, 2)
+        self.router.reset_parameters()
+        self.experts = TransformersExperts(config, hidden, inter, num_experts)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        decision = self.router(x)
+        return self.experts(x, decision.experts, decision.gates).reshape(hidden_states.shape)
 
 
 def partition_randomly(moe: pmt.PADMoEFeedForward, kappa: float, seed: int = 0) -> None:
@@ -67,30 +105,44 @@ def partition_neurons_randomly(moe: pmt.PADMoEFeedForward, kappa: float, seed: i
     moe.set_neuron_mask(neurons)
 
 
-KINDS = ("dense", "moe", "pad", "pad_neuron")
-"""dense FFN; plain MoE; element-wise PAD (the paper); neuron-structured PAD."""
+LAYER_KINDS = ("dense", "moe", "pad", "pad_neuron", "hf_moe", "moe@eager", "pad@eager")
+MODEL_KINDS = ("dense", "moe", "pad", "pad_neuron")
+"""dense FFN; plain MoE; element-wise PAD (the paper); neuron-structured PAD; `@eager`: the per-expert loop."""
+
+
+def _split(kind: str) -> tuple[str, str]:
+    """`"pad@eager"` -> `("pad", "eager")`; the default backend is Transformers' default, grouped_mm."""
+    name, _, backend = kind.partition("@")
+    return name, backend or "grouped_mm"
 
 
 def _granularity(kind: str) -> str:
-    return "neuron" if kind == "pad_neuron" else "element"
+    return "neuron" if _split(kind)[0] == "pad_neuron" else "element"
 
 
 def _partition(kind: str, moe: pmt.PADMoEFeedForward, kappa: float, seed: int) -> None:
-    if kind == "moe":
+    name = _split(kind)[0]
+    if name == "moe":
         moe.__class__ = PlainMoEFeedForward
-    elif kind == "pad":
+    elif name == "pad":
         partition_randomly(moe, kappa, seed)
-    elif kind == "pad_neuron":
+    elif name == "pad_neuron":
         partition_neurons_randomly(moe, kappa, seed)
 
 
 def make_ffn(kind: str, hidden: int, inter: int, kappa: float = 0.5) -> nn.Module:
+    name, backend = _split(kind)
+    if name == "hf_moe":
+        return TransformersMoE(hidden, inter)
     fc_in, fc_out = nn.Linear(hidden, inter), nn.Linear(inter, hidden)
-    if kind == "dense":
+    if name == "dense":
         return nn.Sequential(fc_in, nn.GELU(), fc_out)
+    config = PretrainedConfig()
+    config._experts_implementation = backend
     moe = pmt.PADMoEFeedForward.from_dense(
-        fc_in, nn.GELU(), fc_out, num_experts=8, num_experts_per_tok=2, partition_granularity=_granularity(kind)
-    )
+        fc_in, nn.GELU(), fc_out, num_experts=8, num_experts_per_tok=2,
+        partition_granularity=_granularity(kind), config=config,
+    )  # fmt: skip
     _partition(kind, moe, kappa, seed=0)
     return moe
 
@@ -101,50 +153,69 @@ def make_model(kind: str, kappa: float = 0.5) -> nn.Module:
         return BertForSequenceClassification(base)
     config = pmt.PADMoEConfig(base_config=base, num_experts=8, partition_granularity=_granularity(kind))
     model = pmt.PADMoEForSequenceClassification(config)
+    model.set_experts_implementation(_split(kind)[1])
     for index, moe in enumerate(model.moe_layers):
         _partition(kind, moe, kappa, seed=index)
     return model
 
 
+def autocast(precision: str):
+    """bf16 autocast on the device (the router stays fp32 inside it), or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def median_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
+    def run():
         fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        run()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def bench_layer(hidden: int, inter: int, repeats: int) -> dict:
-    x = torch.randn(BATCH, SEQ, hidden)
+def bench_layer(hidden: int, inter: int, repeats: int, precision: str, compile_layers: bool) -> dict:
+    x = torch.randn(BATCH, SEQ, hidden, device=DEVICE)
     results = {}
-    for kind in KINDS:
+    kinds = list(LAYER_KINDS) + (["moe@compiled", "pad@compiled"] if compile_layers else [])
+    for kind in kinds:
         torch.manual_seed(0)
-        ffn = make_ffn(kind, hidden, inter)
+        ffn = make_ffn(kind.removesuffix("@compiled"), hidden, inter).to(DEVICE)
+        call = torch.compile(ffn) if kind.endswith("@compiled") else ffn
         ffn.train()
-        with torch.no_grad():
-            results[f"{kind}__forward_train_mode_s"] = median_time(lambda ffn=ffn: ffn(x), repeats)
-        results[f"{kind}__forward_backward_s"] = median_time(lambda ffn=ffn: ffn(x).sum().backward(), repeats)
+        with torch.no_grad(), autocast(precision):
+            results[f"{kind}__forward_train_mode_s"] = median_time(lambda call=call: call(x), repeats)
+        with autocast(precision):
+            results[f"{kind}__forward_backward_s"] = median_time(
+                lambda call=call: call(x).float().sum().backward(), repeats
+            )
         ffn.eval()
-        with torch.no_grad():
-            results[f"{kind}__forward_inference_s"] = median_time(lambda ffn=ffn: ffn(x), repeats)
+        with torch.no_grad(), autocast(precision):
+            results[f"{kind}__forward_inference_s"] = median_time(lambda call=call: call(x), repeats)
     return results
 
 
-def bench_model(repeats: int) -> dict:
+def bench_model(repeats: int, precision: str) -> dict:
     results = {}
-    ids = torch.randint(1000, 30000, (BATCH, SEQ))
-    labels = torch.randint(0, 2, (BATCH,))
-    for kind in KINDS:
+    ids = torch.randint(1000, 30000, (BATCH, SEQ), device=DEVICE)
+    labels = torch.randint(0, 2, (BATCH,), device=DEVICE)
+    for kind in MODEL_KINDS:
         torch.manual_seed(0)
-        model = make_model(kind)
+        model = make_model(kind).to(DEVICE)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
         def train_step(model=model, optimizer=optimizer):
             model.train()
-            loss = model(input_ids=ids, labels=labels).loss
+            with autocast(precision):
+                loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -152,7 +223,7 @@ def bench_model(repeats: int) -> dict:
         results[f"{kind}__train_step_s"] = median_time(train_step, max(3, repeats // 2), warmup=1)
         model.eval()
         for batch in (1, BATCH):
-            with torch.no_grad():
+            with torch.no_grad(), autocast(precision):
                 inputs = ids[:batch]
                 results[f"{kind}__inference_b{batch}_s"] = median_time(
                     lambda model=model, inputs=inputs: model(input_ids=inputs), repeats
@@ -160,17 +231,21 @@ def bench_model(repeats: int) -> dict:
     return results
 
 
-def _peak_memory_worker(kind: str, queue) -> None:
+def _peak_memory_worker(kind: str, settings: dict, queue) -> None:
+    """A fresh process: build the model, run 2 training steps, report the peak memory (RSS, or CUDA allocated)."""
+    global BATCH, SEQ, MINILM
+    BATCH, SEQ, MINILM = settings["batch"], settings["seq"], settings["minilm"]
+    device = torch.device(settings["device"])
     torch.manual_seed(0)
-    model = make_model(kind)
+    model = make_model(kind).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ids = torch.randint(1000, 30000, (BATCH, SEQ))
-    labels = torch.randint(0, 2, (BATCH,))
+    ids = torch.randint(1000, 30000, (BATCH, SEQ), device=device)
+    labels = torch.randint(0, 2, (BATCH,), device=device)
     for _ in range(2):
         model(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    queue.put(_peak_rss_bytes())
+    queue.put(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes())
 
 
 def _peak_rss_bytes() -> int:
@@ -186,11 +261,13 @@ def _peak_rss_bytes() -> int:
 def bench_memory() -> dict:
     results = {}
     context = mp.get_context("spawn")
-    for kind in KINDS:
+    settings = {"batch": BATCH, "seq": SEQ, "minilm": MINILM, "device": str(DEVICE)}
+    key = "peak_cuda_allocated_train_bytes" if DEVICE.type == "cuda" else "peak_rss_train_bytes"
+    for kind in MODEL_KINDS:
         queue = context.Queue()
-        process = context.Process(target=_peak_memory_worker, args=(kind, queue))
+        process = context.Process(target=_peak_memory_worker, args=(kind, settings, queue))
         process.start()
-        results[f"{kind}__peak_rss_train_bytes"] = queue.get()
+        results[f"{kind}__{key}"] = queue.get()
         process.join()
     return results
 
@@ -202,17 +279,31 @@ def ratios(results: dict) -> dict:
         kind, metric = key.split("__", 1)
         for baseline in ("moe", "dense"):
             reference = results.get(f"{baseline}__{metric}")
-            if kind != baseline and kind != "dense" and reference:
+            if kind != baseline and kind != "dense" and reference:  # "moe@eager" vs "moe": the backend's effect
                 out[f"{kind}_vs_{baseline}__{metric}"] = value / reference
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precisions", default="fp32,bf16", help="bf16 rows run only where the CPU has native bf16")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile (inductor) rows for the layers")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and 1 repeat: checks the script runs")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    global BATCH, SEQ, MINILM, DEVICE
+    DEVICE = torch.device(args.device)
+    layer_shapes = {"minilm_layer": (384, 1536), "bert_base_layer": (768, 3072)}
+    if args.smoke:
+        BATCH, SEQ, args.repeats = 2, 16, 1
+        MINILM = dict(MINILM, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      vocab_size=30522)  # fmt: skip
+        layer_shapes = {"minilm_layer": (32, 64)}
+    bf16_ok = DEVICE.type == "cuda" or native_bf16_available()
+    precisions = [p for p in args.precisions.split(",") if p == "fp32" or bf16_ok]
 
     report = {
         "machine": {
@@ -220,6 +311,8 @@ def main() -> None:
             "processor": platform.processor(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
+            "native_bf16": bf16_ok,
         },
         "setup": {
             "batch": BATCH,
@@ -228,16 +321,20 @@ def main() -> None:
             "top_k": 2,
             "dynamic_ratio": 0.5,
             "repeats": args.repeats,
+            "experts_implementation": "grouped_mm (rows marked @eager: the per-expert loop)",
+            "precisions": precisions,
+            "smoke": args.smoke,
         },
-        "minilm_layer": bench_layer(384, 1536, args.repeats),
-        "bert_base_layer": bench_layer(768, 3072, args.repeats),
-        "minilm_model": bench_model(args.repeats),
     }
+    for precision in precisions:
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        for section, (hidden, inter) in layer_shapes.items():
+            report[section + suffix] = bench_layer(hidden, inter, args.repeats, precision, args.compile)
+        report["minilm_model" + suffix] = bench_model(args.repeats, precision)
     if not args.skip_memory:
         report["minilm_memory"] = bench_memory()
-    for section in ("minilm_layer", "bert_base_layer", "minilm_model", "minilm_memory"):
-        if section in report:
-            report[f"{section}_ratios"] = ratios(report[section])
+    for section in [k for k in report if k not in ("machine", "setup")]:
+        report[f"{section}_ratios"] = ratios(report[section])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k.endswith("ratios")}, indent=2))

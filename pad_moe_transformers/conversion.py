@@ -70,6 +70,7 @@ def convert_ffn_to_pad_moe(base_model: nn.Module, config: PADMoEConfig) -> list[
             router_jitter_noise=float(config.router_jitter_noise),
             router_init_std=std,
             partition_granularity=config.partition_granularity,
+            config=config,
         )
         # Transformers' init pass (`post_init`, `_initialize_missing_keys`) skips tensors carrying its
         # `_is_hf_initialized` flag; without it the upcycled copies would be re-drawn at random. Transformers
@@ -83,15 +84,6 @@ def convert_ffn_to_pad_moe(base_model: nn.Module, config: PADMoEConfig) -> list[
         setattr(out_parent, out_name, nn.Identity())
         moe_layers.append(moe)
     return moe_layers
-
-
-class _FunctionModule(nn.Module):
-    def __init__(self, fn) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x)
 
 
 class _FunctionModule(nn.Module):

@@ -49,7 +49,7 @@ from .modeling_outputs import (
 from .moe import PADMoEFeedForward
 from .partition.metadata import verify_partition_metadata
 from .reports import ParameterReport, parameter_report
-from .router import TopKRouter, expert_counts, load_balancing_loss, real_tokens, router_z_loss
+from .router import TopKRouter, expert_counts, load_balancing_loss, router_z_loss
 from .routing_records import RoutingRecord, recording_routing
 
 logger = logging.get_logger(__name__)
@@ -91,6 +91,13 @@ class PADMoEPreTrainedModel(PreTrainedModel):
             "expert_counts", torch.zeros(num_layers, config.num_experts, dtype=torch.long), persistent=False
         )
         self.post_init()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # Transformers decides this by finding "@use_experts_implementation" in the model's source file. The PAD
+        # layers run their experts through the same `ALL_EXPERTS_FUNCTIONS` (`experts.py`, eq. 4 weights passed
+        # in), which that heuristic cannot see; so `experts_implementation=` and `set_experts_implementation` apply.
+        return True
 
     # ----------------------------------------------------------------------------------- structure
     def named_pad_layers(self) -> list[tuple[int, PADMoEFeedForward]]:
@@ -243,17 +250,21 @@ class PADMoEPreTrainedModel(PreTrainedModel):
         return result if return_dict else result.to_tuple()
 
     def _router_losses(self, records: list[RoutingRecord], attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Mean load-balancing and z-loss over the MoE layer calls, on the real tokens; also counts expert usage."""
-        token_mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
+        """Mean load-balancing and z-loss over the MoE layer calls, on the real tokens; also counts expert usage.
+
+        Padding is left out by weighting tokens with the attention mask (not by indexing the real tokens out):
+        no data-dependent shapes, so the forward stays free of host synchronisation and compiles as one graph.
+        """
+        token_weights = None if attention_mask is None else attention_mask.reshape(-1)
         layer_index = {id(moe): row for row, moe in enumerate(self.moe_layers)}
         aux, z = [], []
         for record in records:
-            decision = real_tokens(record.decision, token_mask)
-            aux.append(load_balancing_loss(decision.probs, decision.experts, self.config.num_experts))
-            z.append(router_z_loss(decision.logits))
+            decision = record.decision
+            aux.append(load_balancing_loss(decision.probs, decision.experts, self.config.num_experts, token_weights))
+            z.append(router_z_loss(decision.logits, token_weights))
             with torch.no_grad():
                 self.expert_counts[layer_index[id(record.layer)]] += expert_counts(
-                    decision.experts, self.config.num_experts
+                    decision.experts, self.config.num_experts, token_weights
                 ).to(self.expert_counts.device)
         return torch.stack(aux).mean(), torch.stack(z).mean()
 

@@ -1,14 +1,15 @@
 """`PADMoEFeedForward`: the PAD-MoE layer that replaces a dense FFN block.
 
     x (B, S, H) --router--> top-k experts and gates per token
-      --group tokens by expert--> per expert e: act(x_e W1_e^T + b1_e) W2_e^T + b2_e   (W*_e from eq. 4)
-      --gate-weighted scatter-add--> y (B, S, H)
+      --eq. 4--> expert weights W1 (E, I, H), W2 (E, H, I) (`PADExpertLinear.effective_weight`)
+      --Transformers' experts backend (`experts.py`)--> sum_k gate_k * (act(x W1_e^T + b1_e) W2_e^T + b2_e)   (B, S, H)
 
-Only the selected experts are computed, on the tokens routed to them (one matmul pair per expert that
-received tokens, no per-token Python work). Every token is routed, padding included, as in Mixtral: the
-layer is a pure function of its input, so gradient checkpointing can recompute it and two threads can
-share it. The model leaves padding out of the auxiliary losses and expert usage (it has the attention
-mask); real tokens never read the outputs at padding positions.
+Only the selected experts are computed, on the tokens routed to them. With the default backend
+(``grouped_mm``) the forward has no host synchronisation and no data-dependent Python control flow.
+Every token is routed, padding included, as in Mixtral: the layer is a pure function of its input, so
+gradient checkpointing can recompute it and two threads can share it. The model leaves padding out of the
+auxiliary losses and expert usage (it has the attention mask); real tokens never read the outputs at
+padding positions.
 
 The routing decision reaches the model through `routing_records` (context-local), not module state.
 """
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 
 from .core.eq4 import pad_merge
+from .experts import ExpertWeights, run_experts
 from .pad_linear import PADExpertLinear
 from .router import TopKRouter
 from .routing_records import record_routing
@@ -32,8 +35,12 @@ class PADMoEFeedForward(nn.Module):
         fc_out: PADExpertLinear,
         router: TopKRouter,
         partition_granularity: str = "element",
+        config: PretrainedConfig | None = None,
     ) -> None:
         super().__init__()
+        # The model's config, read for `_experts_implementation` (as Transformers' `use_experts_implementation`
+        # keeps it on an experts module); None for a standalone layer (eager experts).
+        self.config = config
         self.partition_granularity = partition_granularity
         self.router = router
         self.fc_in = fc_in
@@ -54,6 +61,7 @@ class PADMoEFeedForward(nn.Module):
         router_jitter_noise: float = 0.0,
         router_init_std: float = 0.02,
         partition_granularity: str = "element",
+        config: PretrainedConfig | None = None,
     ) -> PADMoEFeedForward:
         """Upcycle a dense FFN: each expert and the static weights start equal to it; the router is random."""
         router = TopKRouter(
@@ -73,7 +81,14 @@ class PADMoEFeedForward(nn.Module):
             PADExpertLinear.from_dense(fc_out, num_experts, scale_factor_mode),
             router,
             partition_granularity,
+            config,
         )
+
+    @property
+    def experts_implementation(self) -> str:
+        """The experts backend (`experts.py`): the model config's `_experts_implementation`, set by
+        `from_pretrained(..., experts_implementation=...)` / `set_experts_implementation`; eager standalone."""
+        return getattr(self.config, "_experts_implementation", None) or "eager"
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """`(..., H)` -> `(..., H)`; the routing decision goes to the active routing record."""
@@ -84,48 +99,18 @@ class PADMoEFeedForward(nn.Module):
         if self.partition_granularity == "neuron":
             y = self._neuron_experts_forward(x, decision.gates, decision.experts)
         else:
-            y = self._experts_forward(x, decision.gates, decision.experts)
+            y = run_experts(self.experts_implementation, self.expert_weights(), x, decision.experts, decision.gates)
         return y.reshape(shape)
 
-    def _experts_forward(self, x: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
-        """`x` `(N, H)`, `gates`/`experts` `(N, k)` -> gate-weighted sum of the selected experts `(N, H)`."""
-        # `unbind`, not indexing: each expert's weight gradient then lands in the one stacked gradient instead of
-        # a zero-filled (E, out, in) tensor per expert (which costs a train step time and memory).
-        weight_in = self.fc_in.effective_weight().unbind(0)  # E x (I, H)
-        weight_out = self.fc_out.effective_weight().unbind(0)  # E x (H, I)
-        bias_in, bias_out = self.fc_in.effective_bias(), self.fc_out.effective_bias()
-        bias_in = None if bias_in is None else bias_in.unbind(0)
-        bias_out = None if bias_out is None else bias_out.unbind(0)
-
-        def expert_fn(expert: int, x_e: Tensor) -> Tensor:
-            h = self.activation(
-                nn.functional.linear(x_e, weight_in[expert], None if bias_in is None else bias_in[expert])
-            )
-            return nn.functional.linear(h, weight_out[expert], None if bias_out is None else bias_out[expert])
-
-        return self._dispatch(x, gates, experts, expert_fn)
-
-    def _dispatch(self, x: Tensor, gates: Tensor, experts: Tensor, expert_fn) -> Tensor:
-        """Group the `N * k` token slots by expert, run `expert_fn(e, x_e)` once per expert that got
-        tokens, and scatter-add the gate-weighted results back to `(N, H)`."""
-        num_tokens, k = experts.shape
-        flat_experts = experts.reshape(-1)  # (N*k,)
-        order = torch.argsort(flat_experts, stable=True)
-        token_of_slot = torch.arange(num_tokens, device=x.device).repeat_interleave(k)[order]
-        gate_of_slot = gates.reshape(-1)[order]
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        x_sorted = x[token_of_slot]  # (N*k, H), grouped by expert
-        outputs = []
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            outputs.append(expert_fn(expert, x_sorted[start : start + count]))
-            start += count
-        if not outputs:
-            return x.new_zeros(x.shape)
-        y_sorted = torch.cat(outputs) * gate_of_slot.unsqueeze(-1).to(x.dtype)
-        return x.new_zeros(x.shape).index_add_(0, token_of_slot, y_sorted)
+    def expert_weights(self) -> ExpertWeights:
+        """The experts of the element form for this forward: eq. 4 weights `(E, I, H)` / `(E, H, I)` and biases."""
+        return ExpertWeights(
+            self.fc_in.effective_weight(),
+            self.fc_out.effective_weight(),
+            self.fc_in.effective_bias(),
+            self.fc_out.effective_bias(),
+            self.activation,
+        )
 
     # --- neuron-structured PAD -------------------------------------------------------------
     def neuron_mask(self) -> Tensor:
@@ -166,13 +151,13 @@ class PADMoEFeedForward(nn.Module):
             "static_in": pad_merge(static_in.unsqueeze(0), static_in, fc_in.mask[sta], l_s_in, l_d_in)[0],
             "static_in_bias": None if fc_in.static_bias is None else fc_in.static_bias[sta],  # (I_s,)
             "static_out": pad_merge(static_out.unsqueeze(0), static_out, fc_out.mask[:, sta], l_s_out, l_d_out)[0],
-            "expert_in": pad_merge(  # E x (I_d, H)
+            "expert_in": pad_merge(  # (E, I_d, H)
                 fc_in.expert_weight[:, dyn], fc_in.static_weight[dyn], fc_in.mask[dyn], l_s_in, l_d_in
-            ).unbind(0),
-            "expert_in_bias": None if fc_in.expert_bias is None else fc_in.expert_bias[:, dyn].unbind(0),  # E x (I_d,)
-            "expert_out": pad_merge(  # E x (H, I_d)
+            ),
+            "expert_in_bias": None if fc_in.expert_bias is None else fc_in.expert_bias[:, dyn],  # (E, I_d)
+            "expert_out": pad_merge(  # (E, H, I_d)
                 fc_out.expert_weight[:, :, dyn], fc_out.static_weight[:, dyn], fc_out.mask[:, dyn], l_s_out, l_d_out
-            ).unbind(0),
+            ),
         }
 
     def _neuron_experts_forward(self, x: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
@@ -180,13 +165,10 @@ class PADMoEFeedForward(nn.Module):
         per token (weighted by the sum of the selected gates, which is 1); only the dynamic neurons
         are computed per expert, as smaller dense matmuls."""
         w = self._neuron_weights()
-
-        def expert_fn(expert: int, x_e: Tensor) -> Tensor:
-            bias = None if w["expert_in_bias"] is None else w["expert_in_bias"][expert]
-            h = self.activation(nn.functional.linear(x_e, w["expert_in"][expert], bias))
-            return nn.functional.linear(h, w["expert_out"][expert], self.fc_out.expert_bias_of(expert))
-
-        y = self._dispatch(x, gates, experts, expert_fn)
+        dynamic = ExpertWeights(
+            w["expert_in"], w["expert_out"], w["expert_in_bias"], self.fc_out.effective_bias(), self.activation
+        )
+        y = run_experts(self.experts_implementation, dynamic, x, experts, gates)
         if w["static_in"].shape[0] > 0:
             h_static = self.activation(nn.functional.linear(x, w["static_in"], w["static_in_bias"]))
             y = y + nn.functional.linear(h_static, w["static_out"])

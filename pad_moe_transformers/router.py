@@ -58,7 +58,16 @@ class TopKRouter(nn.Module):
         return RoutingDecision(logits=logits, probs=probs, gates=gates, experts=experts)
 
 
-def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Tensor:
+def _token_weights(weights: Tensor | None, reference: Tensor) -> Tensor:
+    """`(N, 1)` fp32 weights of the tokens (1 = real, 0 = padding; all 1 when `weights` is None)."""
+    if weights is None:
+        return reference.new_ones(reference.shape[0], 1, dtype=torch.float32)
+    return weights.reshape(-1, 1).to(device=reference.device, dtype=torch.float32)
+
+
+def load_balancing_loss(
+    probs: Tensor, experts: Tensor, num_experts: int, token_weights: Tensor | None = None
+) -> Tensor:
     """Switch-Transformer load-balancing loss, extended to top-k.
 
     ``loss = E * sum_e f_e * P_e`` where ``f_e`` is the fraction of the ``N * k`` token-to-expert
@@ -67,28 +76,33 @@ def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Ten
     with probability 1.
 
     Args:
-        probs: `(N, E)` router probabilities of the (non-padding) tokens.
+        probs: `(N, E)` router probabilities.
         experts: `(N, k)` selected expert indices of the same tokens.
+        token_weights: `(N,)` 1 for the tokens that count, 0 for padding (as Transformers'
+            `load_balancing_loss_func` uses the attention mask); None = all tokens count.
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).to(probs.dtype)
-    fraction = counts / experts.numel()
-    return num_experts * torch.sum(fraction * probs.mean(dim=0))
+    weights = _token_weights(token_weights, probs)  # (N, 1)
+    num_real = weights.sum().clamp_min(1.0)
+    assigned = F.one_hot(experts, num_experts).to(probs.dtype).sum(dim=1)  # (N, E): slots of each token per expert
+    fraction = (assigned * weights).sum(dim=0) / (num_real * experts.shape[-1])
+    mean_probs = (probs * weights).sum(dim=0) / num_real
+    return num_experts * torch.sum(fraction * mean_probs)
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE z-loss: mean over tokens of ``logsumexp(logits)^2``; keeps router logits small."""
+def router_z_loss(logits: Tensor, token_weights: Tensor | None = None) -> Tensor:
+    """ST-MoE z-loss: mean over the tokens that count of ``logsumexp(logits)^2``; keeps router logits small."""
     if logits.shape[0] == 0:
         return logits.new_zeros(())
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    weights = _token_weights(token_weights, logits)[:, 0]
+    return (torch.logsumexp(logits, dim=-1).square() * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def real_tokens(decision: RoutingDecision, token_mask: Tensor | None) -> RoutingDecision:
     """The decision restricted to the real (non-padding) tokens: `token_mask` `(N,)` bool, None = all real.
 
-    Padding tokens are routed like real ones (their outputs are never read by the real tokens of an encoder,
-    whose attention masks them), but they must not count in the auxiliary losses or in expert usage.
+    For analysis; the model's losses weight tokens by the mask instead (no data-dependent shapes).
     """
     if token_mask is None:
         return decision
@@ -100,6 +114,9 @@ def real_tokens(decision: RoutingDecision, token_mask: Tensor | None) -> Routing
     )
 
 
-def expert_counts(experts: Tensor, num_experts: int) -> Tensor:
-    """`(E,)` int64: top-k slots assigned to each expert by `experts` `(N, k)`."""
-    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+def expert_counts(experts: Tensor, num_experts: int, token_weights: Tensor | None = None) -> Tensor:
+    """`(E,)` int64: top-k slots assigned to each expert by `experts` `(N, k)` (tokens of weight 0 left out)."""
+    assigned = F.one_hot(experts, num_experts).sum(dim=1)  # (N, E)
+    if token_weights is not None:
+        assigned = assigned * (token_weights.reshape(-1, 1) != 0).to(assigned.dtype)
+    return assigned.sum(dim=0)

@@ -400,6 +400,8 @@ def upcycle(cls: type, path, checkpoint_type: str | None, config: Any, model_arg
             f"{type(config).__name__}.from_base({str(path)!r})."
         )
     config.sync_base_config()
+    if "experts_implementation" in kwargs:  # for the PAD model built below, as Transformers' loader would set it
+        config._experts_implementation = kwargs.pop("experts_implementation")
     want_info = kwargs.get("output_loading_info", False)
     loaded = cls._auto_class_for_head.from_pretrained(path, *model_args, config=config.base_config, **kwargs)
     dense, info = loaded if want_info else (loaded, None)

@@ -1,0 +1,145 @@
+"""The expert matmuls of a PAD-MoE layer, run by Transformers' experts backends.
+
+Transformers 5 runs the experts of its MoE models through one interface (`integrations/moe.py`):
+`ALL_EXPERTS_FUNCTIONS[experts_implementation](experts, hidden_states, top_k_index, top_k_weights)`, where
+`experts` exposes 3-D weights (`up_proj` `(E, I, H)`, `down_proj` `(E, H, I)`, their biases) and a few flags.
+A model selects the backend with `from_pretrained(..., experts_implementation=...)` or
+`model.set_experts_implementation(...)`; it lands in `config._experts_implementation`.
+
+PAD's expert weights are not parameters but eq. 4 of the parameters, formed once per forward. So instead of
+decorating a parameter-holding module with `use_experts_implementation` (which reads `self.up_proj` &c.), the
+layer forms the weights and passes them in an `ExpertWeights` (a plain per-call value, not module state) to the
+same functions:
+
+- ``"grouped_mm"`` (Transformers' default): tokens sorted by expert, one `grouped_mm` per projection; no host
+  synchronisation and no data-dependent Python control flow, so `torch.compile(fullgraph=True)` traces it.
+- ``"batched_mm"``: gathers one weight matrix per token slot (memory `N * k * I * H`): for a few tokens (decoding
+  sized batches), not for training.
+- ``"eager"``: the reference, `eager_experts_forward` below: one pair of linears per expert that received tokens
+  (the per-expert token counts are read on the host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+"""The backends tested with PAD layers (any other registered in Transformers' `ExpertsInterface` is passed on)."""
+
+
+@dataclass
+class ExpertWeights:
+    """The experts of one MoE call, as Transformers' experts functions read them (`integrations/moe.py`).
+
+    Non-gated, untransposed layout: ``y_e = down_proj[e] @ act(up_proj[e] @ x + up_proj_bias[e]) + down_proj_bias[e]``.
+    """
+
+    up_proj: Tensor
+    """`(E, I, H)` eq. 4 weights of the FFN's input linear."""
+    down_proj: Tensor
+    """`(E, H, I)` eq. 4 weights of the FFN's output linear."""
+    up_proj_bias: Tensor | None
+    """`(E, I)` or None."""
+    down_proj_bias: Tensor | None
+    """`(E, H)` or None."""
+    act_fn: Callable[[Tensor], Tensor]
+    # The flags Transformers' functions read (`use_experts_implementation` sets them on a decorated module).
+    has_gate: bool = False
+    is_transposed: bool = False
+    has_post_expert_norm: bool = False
+    _is_expert_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        self.has_bias = self.up_proj_bias is not None
+        if self.has_bias != (self.down_proj_bias is not None):
+            # Transformers' functions read both biases or neither.
+            shape = self.down_proj.shape if self.has_bias else self.up_proj.shape
+            zeros = self.up_proj.new_zeros(shape[0], shape[1])
+            if self.has_bias:
+                self.down_proj_bias = zeros
+            else:
+                self.up_proj_bias, self.has_bias = zeros, True
+
+    @property
+    def num_experts(self) -> int:
+        return self.up_proj.shape[0]
+
+    def to_autocast_dtype(self) -> ExpertWeights:
+        """The weights in the active autocast dtype (as `F.linear` would cast them): `grouped_mm` and `bmm` are not
+        autocast ops, so without this a bf16-autocast forward would run the experts in fp32."""
+        device_type = self.up_proj.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return self
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        return ExpertWeights(
+            cast(self.up_proj), cast(self.down_proj), cast(self.up_proj_bias), cast(self.down_proj_bias), self.act_fn
+        )
+
+
+def eager_experts_forward(
+    experts: ExpertWeights, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """Reference: `hidden_states` `(N, H)`, `top_k_index`/`top_k_weights` `(N, k)` -> `(N, H)`.
+
+    Token slots are sorted by expert and each expert that received tokens runs one pair of linears on its
+    contiguous block; the per-expert counts are read on the host (`tolist`), the one synchronisation.
+    """
+    num_tokens, k = top_k_index.shape
+    flat_experts = top_k_index.reshape(-1)  # (N*k,)
+    order = torch.argsort(flat_experts, stable=True)
+    token_of_slot = torch.arange(num_tokens, device=hidden_states.device).repeat_interleave(k)[order]
+    gate_of_slot = top_k_weights.reshape(-1)[order]
+    counts = torch.bincount(flat_experts, minlength=experts.num_experts).tolist()
+    x_sorted = hidden_states[token_of_slot]  # (N*k, H), grouped by expert
+    # `unbind`, not indexing: each expert's weight gradient then lands in the one stacked gradient instead of a
+    # zero-filled (E, out, in) tensor per expert.
+    up, down = experts.up_proj.unbind(0), experts.down_proj.unbind(0)
+    up_bias = None if experts.up_proj_bias is None else experts.up_proj_bias.unbind(0)
+    down_bias = None if experts.down_proj_bias is None else experts.down_proj_bias.unbind(0)
+    outputs, start = [], 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        x_e = x_sorted[start : start + count]
+        h = experts.act_fn(nn.functional.linear(x_e, up[expert], None if up_bias is None else up_bias[expert]))
+        outputs.append(nn.functional.linear(h, down[expert], None if down_bias is None else down_bias[expert]))
+        start += count
+    if not outputs:
+        return hidden_states.new_zeros(hidden_states.shape)
+    # Gates are fp32: the weighted sum accumulates in fp32 (as Transformers' functions do), then takes the input dtype.
+    y_sorted = torch.cat(outputs) * gate_of_slot.unsqueeze(-1)
+    y = hidden_states.new_zeros(num_tokens, y_sorted.shape[-1], dtype=y_sorted.dtype)
+    return y.index_add_(0, token_of_slot, y_sorted).to(hidden_states.dtype)
+
+
+def _grouped_mm_aligned(experts: ExpertWeights) -> bool:
+    """`grouped_mm` needs every stride of its operands to be a multiple of 16 bytes (else "strides should be
+    multiple of 16 bytes"). Real layers are (hidden 384 or 768, intermediate 4x); a tiny test config or the
+    dynamic slice of a neuron-structured partition may not be: those take the eager experts (a shape check, not a
+    data-dependent one)."""
+    size = experts.up_proj.element_size()
+    return all(dim * size % 16 == 0 for dim in (*experts.up_proj.shape[1:], *experts.down_proj.shape[1:]))
+
+
+def run_experts(
+    implementation: str | None,
+    experts: ExpertWeights,
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+) -> Tensor:
+    """`(N, H)` -> gate-weighted sum of the selected experts `(N, H)`, by `implementation` (None = eager)."""
+    experts = experts.to_autocast_dtype()
+    if implementation == "grouped_mm" and not _grouped_mm_aligned(experts):
+        implementation = "eager"
+    function = ALL_EXPERTS_FUNCTIONS.get_interface(implementation or "eager", eager_experts_forward)
+    return function(experts, hidden_states, top_k_index, top_k_weights)
