@@ -64,6 +64,7 @@ class PADMoEConfig(PreTrainedConfig):
     """
 
     model_type = "pad_moe"
+    is_pad_config: ClassVar[bool] = True  # the partition and checkpoint code accept any config marked so
     sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
     # Keys of the outputs that Trainer must not treat as predictions.
     keys_to_ignore_at_inference: ClassVar[list[str]] = [

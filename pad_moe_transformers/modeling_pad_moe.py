@@ -16,14 +16,13 @@ Entry points:
 from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import (
     AutoModel,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    PreTrainedConfig,
     PreTrainedModel,
 )
 from transformers import initialization as init
@@ -32,12 +31,11 @@ from transformers.utils import ModelOutput, TransformersKwargs, logging
 
 from .architectures import PAD_FFN_LAYOUTS, get_layout, iter_layers
 from .checkpoint.hub import push_pad_to_hub
-from .checkpoint.load import load_pad_checkpoint, upcycle
-from .checkpoint.save import save_pad_pretrained
+from .checkpoint.load import initialize_pad_weight, pad_from_pretrained
+from .checkpoint.save import pad_save_pretrained
 from .configuration_pad_moe import PADMoEConfig
 from .conversion import convert_ffn_to_pad_moe
-from .core.pad_weight import PADWeight, static_from_experts
-from .core.scale_factors import SCALE_FACTOR_INIT
+from .core.pad_weight import PADWeight
 from .input_checks import check_attention_mask, diagnose_inputs
 from .modeling_outputs import (
     PADMoEMaskedLMOutput,
@@ -47,14 +45,12 @@ from .modeling_outputs import (
     PADMoETokenClassifierOutput,
 )
 from .moe import PADMoEFeedForward
-from .partition.metadata import verify_partition_metadata
 from .reports import ParameterReport, parameter_report
 from .router import TopKRouter, expert_counts, load_balancing_loss, router_z_loss
 from .routing_records import RoutingRecord, recording_routing
 
 logger = logging.get_logger(__name__)
 
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 
 class PADMoEPreTrainedModel(PreTrainedModel):
@@ -124,17 +120,7 @@ class PADMoEPreTrainedModel(PreTrainedModel):
             if isinstance(module, TopKRouter):
                 init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, PADWeight):
-                _materialize_derived_tensors(module)
-                init.normal_(module.expert_weight, mean=0.0, std=std)
-                if module.expert_weight.device.type != "meta":  # no values to derive from on the meta device
-                    init.copy_(module.static_weight, static_from_experts(module.expert_weight.detach()))
-                init.ones_(module.mask)
-                for name in SCALE_FACTOR_INIT:
-                    if getattr(module, name, None) is not None:
-                        init.constant_(getattr(module, name), SCALE_FACTOR_INIT[name])
-                for bias in (getattr(module, "expert_bias", None), getattr(module, "static_bias", None)):
-                    if bias is not None:
-                        init.zeros_(bias)
+                initialize_pad_weight(module, lambda weight: init.normal_(weight, mean=0.0, std=std))
         init.zeros_(self.expert_counts)
 
     # ----------------------------------------------------------------------------------- loading & saving
@@ -147,20 +133,9 @@ class PADMoEPreTrainedModel(PreTrainedModel):
         """
         # Overridden for what Transformers' loader has no hook for: upcycling a checkpoint of another model
         # type, and the family's base-model prefix one level down (`model.bert.` vs `model.`) across heads.
-        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
-            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-            checkpoint_config = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)[0]
-            checkpoint_type = checkpoint_config.get("model_type")
-            if config is None and checkpoint_type in PAD_FFN_LAYOUTS:  # a dense checkpoint: upcycle, default PAD config
-                config = PADMoEConfig.from_base(pretrained_model_name_or_path, hub_kwargs=hub_kwargs)
-            if isinstance(config, PADMoEConfig) and checkpoint_type != PADMoEConfig.model_type:
-                return upcycle(cls, pretrained_model_name_or_path, checkpoint_type, config, model_args, kwargs)
-            if checkpoint_type == PADMoEConfig.model_type:
-                return load_pad_checkpoint(
-                    cls, pretrained_model_name_or_path, checkpoint_config, model_args, config, kwargs,
-                    super().from_pretrained,
-                )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        return pad_from_pretrained(
+            cls, pretrained_model_name_or_path, model_args, config, kwargs, super().from_pretrained, PAD_FFN_LAYOUTS
+        )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save the config, the compact PAD checkpoint (safetensors; masks bit-packed, only the used entries of
@@ -172,16 +147,7 @@ class PADMoEPreTrainedModel(PreTrainedModel):
         """
         # Overridden because the compact format (bit-packed masks, per-file PAD metadata, a PAD linear never
         # split across shards, generated model card) is not expressible through Transformers' writer.
-        if (
-            kwargs.get("distributed_checkpoint")
-            or getattr(self, "_hf_peft_config_loaded", False)
-            or getattr(self, "hf_quantizer", None)
-        ):
-            for key in ("model_card", "base_model", "eval_results", "tags"):
-                kwargs.pop(key, None)
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        verify_partition_metadata(self)  # never write a checkpoint whose config.partition contradicts its masks
-        return save_pad_pretrained(self, save_directory, *args, **kwargs)
+        return pad_save_pretrained(self, save_directory, args, kwargs, super().save_pretrained)
 
     def push_to_hub(self, repo_id: str, **kwargs):
         """Upload the compact checkpoint, config and generated model card to the Hub."""
@@ -283,20 +249,6 @@ class PADMoEPreTrainedModel(PreTrainedModel):
     def parameter_report(self) -> ParameterReport:
         """Total / dynamic / static parameter counts per layer and in all, counted as in the paper."""
         return parameter_report(self)
-
-
-def _materialize_derived_tensors(module: PADWeight) -> None:
-    """A "moe"-layout checkpoint stores no static weight and no mask: they are ignored missing keys, which
-    Transformers leaves on the meta device. Give them real storage beside the loaded experts before init."""
-    device = module.expert_weight.device
-    if device.type == "meta":
-        return
-    if module.static_weight.device.type == "meta":
-        module.static_weight = nn.Parameter(
-            torch.empty_like(module.static_weight, device=device), requires_grad=module.static_weight.requires_grad
-        )
-    if module.mask.device.type == "meta":
-        module.mask = torch.empty_like(module.mask, device=device)
 
 
 class PADMoEModel(PADMoEPreTrainedModel):

@@ -113,7 +113,7 @@ def test_wrong_kind_of_checkpoint_gives_clear_errors(tmp_path):
     text.save_pretrained(tmp_path / "text")
     with pytest.raises(ValueError, match="PADDyConvConfig.*AutoModelForSequenceClassification"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "vision")
-    with pytest.raises(ValueError, match="base_config.model_type='resnet' has no PAD-MoE FFN mapping"):
+    with pytest.raises(ckpt.PADCheckpointError, match="is a 'pad_dyconv' checkpoint .*loads 'pad_moe' checkpoints"):
         pmt.PADMoEForSequenceClassification.from_pretrained(tmp_path / "vision")
     with pytest.raises(ckpt.PADCheckpointError, match="is a 'pad_moe' checkpoint .*loads 'pad_dyconv' checkpoints"):
         pmt.PADDyConvForImageClassification.from_pretrained(tmp_path / "text")
