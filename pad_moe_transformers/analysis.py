@@ -55,7 +55,9 @@ __all__ = [
     "UNITS",
     "DynamicProperty",
     "LayerDynamics",
+    "ConvLayerDynamics",
     "RunningMoments",
+    "conv_dynamic_property",
     "dynamic_property",
     "expert_gram",
     "parameter_variance",
@@ -303,3 +305,122 @@ def dynamic_property(
         bar.close()
         model.train(was_training)
     return DynamicProperty(unit=unit, layers=[probe.result() for probe in probes])
+
+
+# ------------------------------------------------------------------------------------ vision (dynamic convolution)
+@dataclass
+class ConvLayerDynamics:
+    """Parameter variance and output variance of one convolution of a vision model (paper Fig. 6)."""
+
+    layer: int
+    """Index among the model's convolutions except the stem, in module order."""
+    name: str
+    """Module path of the convolution."""
+    dynamic: bool
+    """Whether the convolution computes per-sample kernels (PAD / DY-Conv / CondConv)."""
+    parameter_variance: float
+    output_variance: float
+    dynamic_ratio: float
+    """Fraction of the kernel entries that are dynamic (1 for DY-Conv and CondConv, 0 for a static conv)."""
+    units: int
+    """Images the variances are taken over."""
+
+
+class _ConvProbe:
+    """Collects one convolution's attention covariance and per-image output moments from forward hooks."""
+
+    def __init__(self, index: int, name: str, module: nn.Module, kind: str) -> None:
+        self.index, self.name, self.module, self.kind = index, name, module, kind
+        self.outputs: RunningMoments | None = None
+        self.weights = RunningMoments(module.num_experts, full=True) if kind != "static" else None
+
+    def on_output(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        flat = output.detach().float().reshape(output.shape[0], -1)  # one row per image: (B, C * H' * W')
+        if self.outputs is None:
+            self.outputs = RunningMoments(flat.shape[1])
+        self.outputs.update(flat)
+
+    def on_weights(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        self.weights.update(output.detach().to(torch.float64))
+
+    def result(self) -> ConvLayerDynamics:
+        output_variance = float(self.outputs.variance().mean()) if self.outputs is not None else 0.0
+        units = self.outputs.count if self.outputs is not None else 0
+        if self.kind == "static":
+            return ConvLayerDynamics(self.index, self.name, False, 0.0, output_variance, 0.0, units)
+        cov = self.weights.covariance()
+        if self.kind == "pad":  # attention sums to 1: the centred Gram of the eq. 4 kernels (module docstring)
+            variance = parameter_variance([self.module], cov)
+            ratio = self.module.dynamic_ratio()
+        else:  # CondConv: independent sigmoids, sum r_i != 1: sum_j Var(sum_i r_i W_ij) = trace(C G), G uncentred
+            kernels = self.module.conv.weight.detach().to(torch.float64).cpu()  # (k, numel)
+            variance = max(float(torch.trace(cov @ (kernels @ kernels.T))), 0.0) / kernels.shape[1]
+            ratio = 1.0
+        return ConvLayerDynamics(self.index, self.name, True, variance, output_variance, ratio, units)
+
+
+def _conv_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """`(name, module, kind)` of every convolution but the first (the stem), in module order; kind is
+    ``"pad"`` (PAD / DY-Conv), ``"condconv"`` or ``"static"`` (a plain `nn.Conv2d`)."""
+    from .core.pad_weight import PADWeight
+    from .vision.condconv import CondConvWrapper
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, PADWeight):
+            found.append((name, module, "pad"))
+        elif isinstance(module, CondConvWrapper):
+            found.append((name, module, "condconv"))
+        elif isinstance(module, nn.Conv2d) and not any(name.startswith(f"{n}.") for n, _, k in found if k != "static"):
+            found.append((name, module, "static"))
+    if not found:
+        raise TypeError(f"conv_dynamic_property needs a vision model with convolutions, got {type(model).__name__}.")
+    return found[1:] if found[0][2] == "static" else found  # the stem stays static in every variant
+
+
+def conv_dynamic_property(
+    model: nn.Module, pixel_values: Iterable[Tensor], *, progress: bool = True, desc: str = "Dynamic property"
+) -> DynamicProperty:
+    """Parameter and output variance across images of every convolution but the stem (paper Fig. 6).
+
+    Per convolution, with ``pi(x)`` its kernel attention (PAD / DY-Conv; CondConv: its routing weights) and
+    ``W(x) = sum_i pi_i(x) W_eff_i`` the kernel computed for image ``x``:
+
+    * parameter variance = the variance across images of each entry of ``W(x)``, averaged over the entries
+      (0 for a static convolution; computed as ``trace(Cov(pi) G)`` without forming ``W(x)``);
+    * output variance = the variance across images of each entry of the convolution's output `(C, H', W')`,
+      averaged over the entries.
+
+    Args:
+        model: a vision model (Transformers' ResNet / MobileNetV2, a PAD / DY-Conv model, a CondConv model),
+            run in eval mode without autograd.
+        pixel_values: batches of images `(B, C, H, W)`.
+    """
+    batches = list(pixel_values)
+    if not batches:
+        raise ValueError("conv_dynamic_property needs at least one batch of images.")
+    probes, handles = [], []
+    for index, (name, module, kind) in enumerate(_conv_layers(model)):
+        probe = _ConvProbe(index, name, module, kind)
+        probes.append(probe)
+        handles.append(module.register_forward_hook(probe.on_output))
+        if kind == "pad":
+            handles.append(module.attention.register_forward_hook(probe.on_weights))
+        elif kind == "condconv":
+            handles.append(
+                module.routing.register_forward_hook(lambda m, a, o, p=probe: p.on_weights(m, a, o.sigmoid()))
+            )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    bar = logging.tqdm(batches, desc=desc, unit="batch", disable=not progress)
+    try:
+        with torch.no_grad():
+            for batch in bar:
+                model(pixel_values=batch.to(device))
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return DynamicProperty(unit="image", layers=[probe.result() for probe in probes])

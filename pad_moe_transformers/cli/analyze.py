@@ -1,5 +1,8 @@
 """`pad-moe analyze`: the paper's dynamic-property measures (Figure 6) for several models on the same inputs.
 
+Vision models (PAD dynamic-convolution checkpoints, Transformers' ResNet / MobileNetV2) are analysed per
+convolution on images (`--images digits` or a `.pt` tensor): `analysis.conv_dynamic_property`.
+
     pad-moe analyze dense=bert-base-uncased moe=out/rte_moe pad=out/rte_pad --task rte --data_dir glue_data
 
 Per FFN layer and model: the parameter variance (variance across inputs of the gate-weighted eq. 4
@@ -38,7 +41,8 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
         "output, averaged over hidden dimensions). See docs/concepts.md for the exact definitions.",
         epilog="examples:\n"
         "  pad-moe analyze dense=bert-base-uncased moe=out/bert_moe pad=out/rte_pad --task rte --data_dir glue_data\n"
-        "  pad-moe analyze out/rte_pad --text_file sentences.txt --unit sample --json --plot dynamics.png",
+        "  pad-moe analyze out/rte_pad --text_file sentences.txt --unit sample --json --plot dynamics.png\n"
+        "  pad-moe analyze static=out/digits_static pad=out/digits_pad --images digits --samples 256",
         formatter_class=_common.HelpFormatter,
     )
     parser.add_argument(
@@ -60,6 +64,16 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
         "--plot", metavar="FILE", help="plot both measures per layer to FILE (.png/.pdf/.svg; needs matplotlib)."
     )
     _common.add_data_arguments(parser, split_default=None, samples_default=64)
+    vision = parser.add_argument_group("input images (vision models: PAD dynamic convolution, ResNet, MobileNetV2)")
+    vision.add_argument(
+        "--images",
+        default="digits",
+        help="'digits' (scikit-learn's handwritten digits, test split) or a .pt file with an (N, C, H, W) tensor "
+        "(default %(default)s).",
+    )
+    vision.add_argument(
+        "--image_size", type=_common.positive_int, default=32, help="digits are upsampled to this size (default 32)."
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -151,10 +165,8 @@ def render(info: dict[str, Any]) -> str:
             f"{sum(x['output_variance'] for x in m['layers']) / n:.4e}",
         ]
     rows.append(mean_row)
-    lines = [
-        f"Dynamic property over {info['samples']} inputs ({info['tokens']:,} tokens) from {info['source']}; "
-        f"unit = {info['unit']}"
-    ]
+    count = f"{info['tokens']:,} tokens" if "tokens" in info else "per convolution but the stem"
+    lines = [f"Dynamic property over {info['samples']} inputs ({count}) from {info['source']}; unit = {info['unit']}"]
     lines += [f"  {m['label']}: {m['model']} - {m['path']}" for m in models]
     lines += ["", _common.format_table(headers, rows)]
     return "\n".join(lines)
@@ -193,10 +205,21 @@ def plot(info: dict[str, Any], path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from . import _vision
+
     _common.check_plot_path(args.plot)
+    specs = parse_model_specs(args.models)
+    for _, path in specs:  # fail on a bad path before loading anything
+        _common.check_model_path(path)
+    if any(_vision.is_vision_checkpoint(path) for _, path in specs):
+        info = _vision.analyze(args, specs)
+        return _finish(info, args)
     if not _common.has_data(args):
         raise CLIError("analyze needs input samples: pass --task TASK --data_dir GLUE_DIR, or --text_file FILE.")
-    info = analyze(args)
+    return _finish(analyze(args), args)
+
+
+def _finish(info: dict[str, Any], args: argparse.Namespace) -> int:
     if args.plot:
         plot(info, args.plot)
         info["plot"] = args.plot

@@ -1,4 +1,5 @@
-"""`pad-moe inspect PATH`: what a PAD-MoE checkpoint holds, per layer and linear.
+"""`pad-moe inspect PATH`: what a PAD-MoE checkpoint holds, per layer and linear (or, for a PAD dynamic-
+convolution checkpoint, per convolution: `collect_vision`).
 
 For each PAD linear (`fc_in`, `fc_out` of every MoE layer): shape, dynamic ratio (fraction of mask
 entries = 1), scale factors `l_s` / `l_d`, parameters counted as the paper counts them (dynamic =
@@ -28,7 +29,8 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
     parser = subparsers.add_parser(
         "inspect",
         parents=parents or [],
-        help="table of a PAD-MoE checkpoint's layers and linears (ratios, scales, parameters, bytes, expert usage)",
+        help="table of a PAD-MoE checkpoint's layers and linears (ratios, scales, parameters, bytes, expert usage), "
+        "or of a PAD dynamic-convolution checkpoint's convolutions",
         description="Show, per MoE layer and linear, the dynamic ratio, the scale factors l_s / l_d, the dynamic and "
         "static parameters and the bytes on disk of a PAD-MoE checkpoint; with input samples also the expert usage. "
         "--plot draws the per-layer dynamic ratios and the per-neuron mask density as heatmaps.",
@@ -36,7 +38,7 @@ def add_parser(subparsers, parents: list[argparse.ArgumentParser] | None = None)
         "  pad-moe inspect out/rte_pad --plot rte_pad.png --task rte --data_dir glue_data --samples 64",
         formatter_class=_common.HelpFormatter,
     )
-    parser.add_argument("path", help="PAD-MoE checkpoint: a local folder or a hub id.")
+    parser.add_argument("path", help="PAD-MoE or PAD dynamic-convolution checkpoint: a local folder or a hub id.")
     parser.add_argument("--json", action="store_true", help="print everything as one JSON object instead of tables.")
     parser.add_argument(
         "--plot",
@@ -312,8 +314,31 @@ def plot(info: dict[str, Any], model, path: str) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------ vision
+def run_vision(args: argparse.Namespace) -> int:
+    if _common.has_data(args) or args.task:
+        raise _common.CLIError(
+            "--task / --data_dir / --text_file route text through a PAD-MoE model; a PAD dynamic-convolution "
+            "checkpoint is inspected without inputs (use `pad-moe analyze` for its per-image dynamics)."
+        )
+    from ..checkpoint import resolve_checkpoint_files
+    from . import _vision
+
+    path, model = _vision.load_vision_model(args.path)
+    files, _ = resolve_checkpoint_files(path)
+    info = _vision.collect_inspect(path, model, *tensor_bytes(files), len(files))
+    if args.plot:
+        _vision.plot_inspect(info, args.plot)
+        info["plot"] = args.plot
+        logger.info(f"Wrote {args.plot}")
+    _common.stdout_write(json.dumps(info, indent=2) if args.json else _vision.render_inspect(info))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     _common.check_plot_path(args.plot)
+    if _common.load_config(args.path)[1].model_type == "pad_dyconv":
+        return run_vision(args)
     path, model = _common.load_pad_model(args.path)
     usage, samples = (None, 0)
     if _common.has_data(args) or args.task:
