@@ -94,3 +94,25 @@ def test_analyze_vision_bad_images(capsys, checkpoints, tmp_path):
     torch.save(torch.randn(4, 1, 16, 16), tmp_path / "gray.pt")
     code, _, err = run(capsys, "analyze", root / "pad", "--images", tmp_path / "gray.pt")
     assert code == 2 and "1 channels; the models expect 3" in err
+
+
+def test_conv_dynamic_property_matches_per_image_kernels(checkpoints):
+    from pad_moe_transformers.analysis import conv_dynamic_property
+
+    _, pad = checkpoints
+    images = [torch.randn(5, 3, 16, 16) for _ in range(2)]
+    result = conv_dynamic_property(pad, images, progress=False)
+    conv = named_pad_linears(pad)[0].module
+    inputs = []
+    handle = conv.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    with torch.no_grad():
+        outputs = [pad.eval()(pixel_values=x) for x in images]
+    handle.remove()
+    assert outputs
+    with torch.no_grad():
+        x = torch.cat(inputs)
+        kernels = conv.sample_kernels(conv.attention_weights(x)).reshape(x.shape[0], -1).double()
+        y = conv(x).reshape(x.shape[0], -1).double()
+    first = result.layers[0]
+    assert first.parameter_variance == pytest.approx(kernels.var(dim=0, unbiased=False).mean().item(), rel=1e-6)
+    assert first.output_variance == pytest.approx(y.var(dim=0, unbiased=False).mean().item(), rel=1e-5)
