@@ -183,8 +183,9 @@ def partition_model(
     # The partitioned units: elements of each linear `(out, in)`, or neurons of each MoE layer `(I,)`.
     masks = neuron_masks(model) if neuron else {n: m.clone() for n, m in original.items()}
     passes = (warmup_steps if use_warmup else 0) + (0 if method == "random" else rounds * len(batches))
+    # One tick per forward-backward pass; tqdm shows passes done / planned, the elapsed seconds and s/pass.
     bar = logging.tqdm(
-        total=passes, desc=f"Mode partition ({method})", unit="batch", disable=not (progress and is_main_process())
+        total=passes, desc=f"Mode partition ({method})", unit="pass", disable=not (progress and is_main_process())
     )
     counts: list[int] = []
     try:
@@ -232,21 +233,24 @@ def partition_model(
         bar.close()
 
     meta = dict(model.config.partition)
+    seconds = time.perf_counter() - start
+    cost = f"{passes} forward-backward passes in {seconds:.1f} s"
     if neuron:
         logger.info(
-            f"Mode partition ({method}, neurons, kappa={kappa}) done; dynamic neuron ratio per layer:\n"
+            f"Mode partition ({method}, neurons, kappa={kappa}) done, {cost}; dynamic neuron ratio per layer:\n"
             f"{format_ratios(meta['neuron_dynamic_ratio'])}"
         )
     else:
         logger.info(
-            f"Mode partition ({method}, kappa={kappa}) done; dynamic ratio per linear:\n{format_ratios(ratios)}"
+            f"Mode partition ({method}, kappa={kappa}) done, {cost}; dynamic ratio per linear:\n"
+            f"{format_ratios(ratios)}"
         )
     return PartitionResult(
         masks={n: m.clone() for n, m in final.items()},
         dynamic_ratios=ratios,
         metadata=meta,
-        seconds=time.perf_counter() - start,
-        forward_backward_passes=passes,
+        seconds=seconds,
+        num_passes=passes,
         round_dynamic_counts=counts,
         neuron_masks={n: m.clone() for n, m in masks.items()} if neuron else None,
         neuron_dynamic_ratios=dict(meta["neuron_dynamic_ratio"]) if neuron else None,

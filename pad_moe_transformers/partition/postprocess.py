@@ -137,7 +137,7 @@ def moe_p_prune(
         raise ValueError("MoE-P prunes a plain (fully dynamic) MoE, but some masks already have static entries.")
     batches = check_batches(batches)
     bar = logging.tqdm(
-        total=len(batches), desc="MoE-P (SNIP)", unit="batch", disable=not (progress and is_main_process())
+        total=len(batches), desc="MoE-P (SNIP)", unit="pass", disable=not (progress and is_main_process())
     )
     try:
         grads = expert_weight_gradients(model, batches, progress=bar)
@@ -192,7 +192,7 @@ def moe_p_prune(
         masks={n: lin.mask.clone() for n, lin in linears.items()},
         dynamic_ratios=kept,
         metadata=dict(model.config.partition),
-        forward_backward_passes=len(batches),
+        num_passes=len(batches),
     )
 
 

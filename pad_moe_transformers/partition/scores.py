@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..pad_linear import PADExpertLinear
-from ._common import all_reduce_sum, check_model, element_path, requires_grad, scoring_mode, task_loss
+from ._common import all_reduce_sum, check_model, element_path, scoring_mode, task_loss
 from .batches import Batch, check_batches
 from .units import layer_linears, linears_by_name, neuron_masks
 
@@ -46,20 +46,43 @@ def _accumulator(tensor: Tensor) -> Tensor:
     return torch.zeros(tensor.shape, dtype=dtype, device=tensor.device)
 
 
-def mask_direction(linear: PADExpertLinear) -> Tensor:
-    """``dW_eff/dM`` of eq. 4 for every expert, `(E, out, in)`, without autograd.
+@contextlib.contextmanager
+def only_requires_grad(model: nn.Module, tensors: Iterable[Tensor]) -> Iterator[None]:
+    """While active, the parameters of `model` in `tensors` require grad and no other parameter does
+    (restored on exit, also for parameters a user froze).
+
+    A scoring or warm-up pass needs the gradient of a few tensors only. A parameter that requires grad
+    makes autograd keep the input of every op that reads it (the activations its weight gradient needs),
+    so freezing the others shrinks what each pass holds; the gradients asked for are computed by the
+    same backward formulas, so they do not change.
+    """
+    keep = {id(t) for t in tensors}
+    params = list(model.parameters())
+    before = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
+
+
+def mask_direction(linear: PADExpertLinear, expert: int | None = None) -> Tensor:
+    """``dW_eff/dM`` of eq. 4 for every expert, `(E, out, in)` (for one `expert`: `(1, out, in)`), without autograd.
 
     Eq. 4 is affine in ``M``, so the derivative is ``W_eff(M=1) - W_eff(M=0) = l_d*W_i - l_s*W_static``;
     both ends are `PADExpertLinear.effective_weight` with the relaxed mask set to ones / zeros, which
     multiply exactly (no rounding). It is exactly zero where the expert equals the scaled static weight.
     """
     saved = linear.soft_mask
+    dynamic = None if expert is None else linear.expert_weight[expert : expert + 1]
     try:
         with torch.no_grad():
             linear.soft_mask = torch.ones_like(linear.static_weight)
-            dynamic = linear.effective_weight()
+            ones = linear.effective_weight(dynamic)
             linear.soft_mask = torch.zeros_like(linear.static_weight)
-            return dynamic - linear.effective_weight()
+            return ones.sub_(linear.effective_weight(dynamic))
     finally:
         linear.soft_mask = saved
 
@@ -110,7 +133,7 @@ def mask_gradients(
     batches = check_batches(batches)
     grads = {name: _accumulator(linear.mask) for name, linear in linears_by_name(model).items()}
     # The neuron fast path ignores the float relaxation; the generic path computes the same function.
-    with scoring_mode(model), element_path(model), soft_masks(model) as relaxed:
+    with scoring_mode(model), element_path(model), soft_masks(model) as relaxed, only_requires_grad(model, []):
         names = list(relaxed)
         for batch_grads in _batch_gradients(model, batches, [relaxed[n] for n in names], progress):
             for name, g in zip(names, batch_grads):
@@ -158,7 +181,7 @@ def neuron_mask_gradients(
     grads = {name: _accumulator(fc_in.static_weight[:, 0]) for name, fc_in in fc_ins.items()}
     dtype = next(iter(grads.values())).dtype if grads else torch.float32
     neuron_masks(model)  # raises for masks that are not neuron-structured
-    with scoring_mode(model), element_path(model), soft_masks(model) as relaxed, requires_grad(bias_params):
+    with scoring_mode(model), element_path(model), soft_masks(model) as relaxed, only_requires_grad(model, bias_params):
         names = list(relaxed)
         for out in _batch_gradients(model, batches, [relaxed[n] for n in names] + bias_params, progress):
             element = {
@@ -189,7 +212,7 @@ def expert_weight_gradients(
     names = list(linears)
     params = [linears[n].expert_weight for n in names]
     grads = {name: _accumulator(linears[name].expert_weight) for name in names}
-    with scoring_mode(model), requires_grad(params):
+    with scoring_mode(model), only_requires_grad(model, params):
         for batch_grads in _batch_gradients(model, batches, params, progress):
             for name, g in zip(names, batch_grads):
                 if g is not None:

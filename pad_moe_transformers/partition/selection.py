@@ -97,7 +97,11 @@ def check_reachable(masks: dict[str, Tensor], ratio: float, scope: str, unit: st
 
 def experts_equal_static(linear: PADExpertLinear, mask: Tensor) -> bool:
     """True when ``l_d*W_i == l_s*W_static`` on every dynamic entry of every expert (eq. 7 is then 0)."""
-    return not bool(((mask_direction(linear) != 0).any(dim=0) & mask.to(linear.mask.device)).any())
+    mask = mask.to(linear.mask.device)
+    # One expert at a time: `(1, out, in)` temporaries instead of three `(E, out, in)` ones.
+    return not any(
+        bool(((mask_direction(linear, k)[0] != 0) & mask).any()) for k in range(linear.expert_weight.shape[0])
+    )
 
 
 def layer_equals_static(fc_in: PADExpertLinear, fc_out: PADExpertLinear, neurons: Tensor) -> bool:
