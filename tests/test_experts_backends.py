@@ -6,6 +6,8 @@ batches, for element and neuron-structured PAD; the default (grouped_mm) forward
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,8 @@ from pad_moe_transformers import PADMoEConfig, PADMoEFeedForward
 from pad_moe_transformers.experts import EXPERTS_IMPLEMENTATIONS, ExpertWeights, run_experts
 
 BACKENDS = EXPERTS_IMPLEMENTATIONS
+# benchmarks/gpu_check.sh runs this file on a GPU with PAD_MOE_TEST_DEVICE=cuda.
+DEVICE = torch.device(os.environ.get("PAD_MOE_TEST_DEVICE", "cpu"))
 
 
 def _layer(hidden: int = 16, inter: int = 32, num_experts: int = 4, seed: int = 0) -> PADMoEFeedForward:
@@ -30,7 +34,7 @@ def _layer(hidden: int = 16, inter: int = 32, num_experts: int = 4, seed: int = 
             linear.mask.copy_(torch.rand_like(linear.mask, dtype=torch.float) < 0.5)
             linear.scale_logit.fill_(0.4)
         moe.router.weight.normal_()
-    return moe
+    return moe.to(DEVICE)
 
 
 def _per_token_reference(moe: PADMoEFeedForward, x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +44,7 @@ def _per_token_reference(moe: PADMoEFeedForward, x: torch.Tensor) -> torch.Tenso
     b_in, b_out = moe.fc_in.effective_bias().double(), moe.fc_out.effective_bias().double()
     rows = []
     for t in range(x.shape[0]):
-        y = torch.zeros(x.shape[1], dtype=torch.double)
+        y = torch.zeros(x.shape[1], dtype=torch.double, device=x.device)
         for gate, e in zip(decision.gates[t].tolist(), decision.experts[t].tolist()):
             h = moe.activation(x[t].double() @ w_in[e].T + b_in[e])
             y += gate * (h @ w_out[e].T + b_out[e])
@@ -58,7 +62,8 @@ def _run(moe: PADMoEFeedForward, x: torch.Tensor, backend: str) -> tuple[torch.T
         moe.fc_in.effective_bias(), moe.fc_out.effective_bias(), moe.activation,
     )  # fmt: skip
     y = run_experts(backend, experts, x, decision.experts, decision.gates)
-    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()  # a non-uniform upstream gradient
+    upstream = torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape)  # a non-uniform gradient
+    (y * upstream).sum().backward()
     grads = {name: p.grad.clone() for name, p in moe.named_parameters() if p.grad is not None}
     grads["input"] = x.grad.clone()
     return y.detach(), grads
@@ -67,7 +72,7 @@ def _run(moe: PADMoEFeedForward, x: torch.Tensor, backend: str) -> tuple[torch.T
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_matches_per_token_reference(backend):
     moe = _layer()
-    x = torch.randn(13, 16)
+    x = torch.randn(13, 16, device=DEVICE)
     y, _ = _run(moe, x, backend)
     torch.testing.assert_close(y.double(), _per_token_reference(moe, x), atol=1e-5, rtol=1e-5)
 
@@ -75,7 +80,7 @@ def test_backend_matches_per_token_reference(backend):
 @pytest.mark.parametrize("backend", ["grouped_mm", "batched_mm"])
 def test_backend_gradients_equal_eager(backend):
     moe = _layer()
-    x = torch.randn(21, 16)
+    x = torch.randn(21, 16, device=DEVICE)
     y_eager, g_eager = _run(moe, x, "eager")
     y, g = _run(moe, x, backend)
     torch.testing.assert_close(y, y_eager, atol=1e-5, rtol=1e-5)
@@ -87,7 +92,7 @@ def test_backend_gradients_equal_eager(backend):
 def test_unaligned_shapes_fall_back_to_eager():
     """grouped_mm needs 16-byte strides; a hidden size of 6 (24 bytes) takes the eager experts, same result."""
     moe = _layer(hidden=6, inter=10)
-    x = torch.randn(7, 6)
+    x = torch.randn(7, 6, device=DEVICE)
     y, _ = _run(moe, x, "grouped_mm")
     torch.testing.assert_close(y.double(), _per_token_reference(moe, x), atol=1e-5, rtol=1e-5)
 
@@ -95,8 +100,8 @@ def test_unaligned_shapes_fall_back_to_eager():
 def test_autocast_runs_the_experts_in_bf16():
     """grouped_mm is not an autocast op: the layer casts the eq. 4 weights itself, as F.linear would."""
     moe = _layer()
-    x = torch.randn(16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(16, 16, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         outs = {backend: _run(moe, x, backend)[0] for backend in BACKENDS}
     reference = _per_token_reference(moe, x).float()
     for backend, y in outs.items():
@@ -123,7 +128,8 @@ def _padded_batch():
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     mask[2, 3:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1])}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1])}
+    return {key: value.to(DEVICE) for key, value in batch.items()}
 
 
 def _model(dense_dir, granularity: str = "element", **kwargs):
@@ -139,7 +145,7 @@ def _model(dense_dir, granularity: str = "element", **kwargs):
             else:
                 for linear in (moe.fc_in, moe.fc_out):
                     linear.mask.copy_(torch.rand_like(linear.mask, dtype=torch.float) < 0.5)
-    return model
+    return model.to(DEVICE)
 
 
 def _loss_and_grads(model, call=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
