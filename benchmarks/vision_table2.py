@@ -1,8 +1,8 @@
-"""Params and FLOPs of the paper's Table 2 (ResNet-18, ResNet-50, MobileNetV2 x1.0; static / CondConv k=8 /
+"""Params and FLOPs of the paper's Table 2 (ResNet-10, ResNet-18, ResNet-50, MobileNetV2 x1.0; static / CondConv k=8 /
 DY-Conv k=4 / PAD kappa 0.3), measured on Transformers' models built in code (no downloads), next to the paper.
 
     python benchmarks/vision_table2.py            # a few seconds per model on a CPU
-    python benchmarks/vision_table2.py --models resnet18
+    python benchmarks/vision_table2.py --models resnet18 resnet50
 
 Writes `benchmarks/results/vision_table2.json` and `.md`. Parameters: `vision.complexity.count_parameters`
 (PAD: ``kappa*K*W + (1-kappa)*W`` per convolution, everything else as stored); FLOPs: multiply-adds at
@@ -40,6 +40,7 @@ MODES = ("static", "condconv", "dyconv", "pad")
 
 # PAD-Net paper (Table 2): (params in M, FLOPs = multiply-adds in M) per model and mode.
 PAPER_TABLE_2 = {
+    "resnet10": {"static": (5.2, 890), "condconv": (36.7, 920), "dyconv": (18.6, 910), "pad": (6.9, 900)},
     "resnet18": {"static": (11.1, 1810), "condconv": (81.4, 1890), "dyconv": (42.7, 1860), "pad": (15.1, 1830)},
     "resnet50": {"static": (23.5, 3860), "condconv": (129.9, 3980), "dyconv": (100.9, 3970), "pad": (33.8, 3900)},
     "mobilenetv2_1.0": {
@@ -56,6 +57,10 @@ def base_configs() -> dict:
     (`downsample_in_bottleneck`, the original ResNet): its 3.86G multiply-adds are the paper's; Transformers'
     default puts the stride on the 3x3 (ResNet v1.5, 4.09G), with the same parameters."""
     return {
+        "resnet10": ResNetConfig(
+            layer_type="basic", depths=[1, 1, 1, 1], hidden_sizes=[64, 128, 256, 512], embedding_size=64,
+            num_labels=1000,
+        ),
         "resnet18": ResNetConfig(
             layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512], embedding_size=64,
             num_labels=1000,
