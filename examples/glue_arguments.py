@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, TrainingArguments
 
 import pad_moe_transformers as pmt
-from pad_moe_transformers.glue import GLUE_HUB_DATASET, GLUE_TASKS, get_task
+from pad_moe_transformers.glue import GLUE_HUB_DATASET, GLUE_TASKS, get_task, resolve_bf16
 
 MODES = ("static", "moe", "pad", "moe_pruned")
 PARTITION_METHODS = ("imp", "mp", "random")
@@ -179,6 +179,15 @@ class GlueTrainingArguments(TrainingArguments):
         },
     )
 
+    def __post_init__(self):
+        # bf16 on a CPU is autocast, which Trainer runs only with use_cpu=True; without an accelerator that is the
+        # only place --bf16 can run, so it is set here. "auto" ("bf16": "auto" in a JSON/YAML file; `--bf16 auto`
+        # on the command line, see `parse_args`) takes bf16 where it is native (pad_moe_transformers.glue.precision).
+        if isinstance(self.bf16, str) or self.bf16:
+            bf16, use_cpu = resolve_bf16(self.bf16)
+            self.bf16, self.use_cpu = bf16, bool(self.use_cpu or use_cpu)
+        super().__post_init__()
+
 
 def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PADArguments, GlueTrainingArguments))
@@ -188,4 +197,26 @@ def parse_args(argv: list[str] | None = None):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         return parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=resolve_bf16_auto(argv))
+
+
+def resolve_bf16_auto(argv: list[str]) -> list[str]:
+    """`--bf16 auto` -> `--bf16 true --use_cpu true` on a CPU with native bf16, `--bf16 false` on a CPU without,
+    bf16 on an accelerator that supports it (`resolve_bf16`). `--bf16`, `--bf16 true` and `--bf16 --use_cpu`
+    are Trainer's own and pass unchanged (`GlueTrainingArguments` sets `use_cpu` for bf16 without an accelerator)."""
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        value = None
+        if arg == "--bf16" and index + 1 < len(argv) and argv[index + 1].lower() == "auto":
+            value, index = "auto", index + 2
+        elif arg.lower() == "--bf16=auto":
+            value, index = "auto", index + 1
+        else:
+            out.append(arg)
+            index += 1
+            continue
+        bf16, use_cpu = resolve_bf16(value)
+        out += ["--bf16", str(bf16).lower()] + (["--use_cpu", "true"] if use_cpu else [])
+    return out

@@ -6,7 +6,12 @@ dataclass groups (model / data / PAD / training) parsed by `HfArgumentParser`, f
 line or from one `.json` / `.yaml` file.
 
     python examples/run_glue.py --task rte --mode pad --data_dir glue_data \
-        --do_train --do_eval --output_dir out/rte_pad
+        --do_train --do_eval --output_dir out/rte_pad [--bf16 auto]
+
+Precision: fp32 by default; `--bf16 --use_cpu` runs bf16 autocast on a CPU (Trainer needs both; `--bf16` alone
+also works on a machine without an accelerator), `--bf16 auto` takes bf16 where the hardware computes it
+natively (a bf16 GPU, or a CPU with AVX512-BF16 / AMX-BF16 / Arm BF16). The output says which, and whether
+the CPU's bf16 is native. The routers stay fp32 under autocast.
 
 Modes:
     static      the dense model (`AutoModelForSequenceClassification`)
@@ -47,7 +52,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.core import named_pad_linears
-from pad_moe_transformers.glue import build_compute_metrics, get_task, load_glue_tsv
+from pad_moe_transformers.glue import build_compute_metrics, describe_precision, get_task, load_glue_tsv
 from pad_moe_transformers.training import pad_optimizer_cls_and_kwargs
 
 logger = logging.getLogger(__name__)
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"n_gpu: {training_args.n_gpu}, distributed: {training_args.parallel_mode.value == 'distributed'}, "
         f"16-bits: {training_args.fp16 or training_args.bf16}"
     )
+    precision = "fp16 autocast" if training_args.fp16 else describe_precision(training_args.bf16, training_args.use_cpu)
+    logger.warning(f"Precision: {precision}")
     logger.info(f"Model {model_args}\nData {data_args}\nPAD {pad_args}")
     task = get_task(data_args.task_name)
 
@@ -351,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         run_info = {"model": asdict(model_args), "data": asdict(data_args), "pad": asdict(pad_args)}
         run_info["parameters"] = parameters
         run_info["partition"] = getattr(model.config, "partition", None)
+        run_info["precision"] = precision
         with open(Path(training_args.output_dir) / "glue_run.json", "w") as handle:
             json.dump(run_info, handle, indent=2, default=str)
     return eval_results

@@ -191,7 +191,8 @@ class IMPTrainerCallback(TrainerCallback, ExportableState):
         ratios = self.result.neuron_dynamic_ratios if neuron else self.result.dynamic_ratios
         total = self.result.metadata["neuron_dynamic_ratio_total" if neuron else "achieved_dynamic_ratio_total"]
         logger.info(
-            f"IMPTrainerCallback: {self.method} partition on {len(batches)} batches in {self.result.seconds:.1f}s, "
+            f"IMPTrainerCallback: {self.method} partition on {len(batches)} batches, {self.result.num_passes} "
+            f"forward-backward passes in {self.result.seconds:.1f} s, "
             f"dynamic {'neuron ratio per layer' if neuron else 'ratio per linear'}: "
             + ", ".join(f"{name}={ratio:.4f}" for name, ratio in ratios.items())
             + f" (total {total:.4f})"

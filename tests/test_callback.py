@@ -90,6 +90,8 @@ def test_leaves_no_gradients_or_optimizer_state(tmp_path, caplog):
     for name, linear in pad_linears(model).items():
         assert abs(linear.num_dynamic() - 0.3 * linear.mask.numel()) <= 1
         assert f"{name}={linear.dynamic_ratio():.4f}" in caplog.text  # per-layer ratios are logged
+    assert callback.result.num_passes == 3 + 2 * 3  # warm-up steps + one pass per batch and round, logged
+    assert f"on 3 batches, 9 forward-backward passes in {callback.result.seconds:.1f} s" in caplog.text
 
 
 def test_does_nothing_when_already_partitioned(tmp_path):

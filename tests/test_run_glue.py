@@ -140,6 +140,24 @@ def test_run_glue_partitioned_modes(run_glue, tiny_model, glue_dir, tmp_path, ta
     assert again["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
 
 
+def test_run_glue_bf16_auto_on_the_cpu_says_so(run_glue, tiny_model, glue_dir, tmp_path, monkeypatch, caplog):
+    """`--bf16 auto` on a CPU with native bf16 trains a PAD model under bf16 autocast (IMP included) and says
+    so in the log and in glue_run.json."""
+    import pad_moe_transformers.glue.precision as precision
+
+    monkeypatch.setattr(precision, "_accelerator_available", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])  # as on a CPU that has it
+    out = tmp_path / "out"
+    argv = _argv("rte", "pad", tiny_model, glue_dir, out, "--partition_batches", "2", "--partition_rounds", "2")
+    with caplog.at_level("WARNING"):
+        metrics = run_glue.main([*argv, "--bf16", "auto"])
+    _check_results(out, {"eval_accuracy"}, metrics)
+    run = json.loads((out / "glue_run.json").read_text())
+    assert run["precision"] == "bf16 autocast on the CPU (native: avx512_bf16)"
+    assert "Precision: bf16 autocast on the CPU (native: avx512_bf16)" in caplog.text
+    assert AutoConfig.from_pretrained(out).is_partitioned
+
+
 def test_new_parameter_learning_rates_need_a_pad_model(run_glue, tiny_model, glue_dir, tmp_path):
     with pytest.raises(ValueError, match="need a PAD-MoE model"):
         run_glue.main(_argv("rte", "static", tiny_model, glue_dir, tmp_path / "out", "--scale_learning_rate", "1e-2"))

@@ -5,7 +5,8 @@
     trainer = Trainer(..., compute_metrics=build_compute_metrics("rte"))
 
 Not part of the model library: nothing in `pad_moe_transformers` outside `cli/` imports it. The
-task table (`tasks.py`) and `read_glue_columns` need only the standard library; the `datasets`
+task table (`tasks.py`), `read_glue_columns` and the bf16 check (`precision.py`, torch imported when
+called) need only the standard library; the `datasets`
 readers and the metrics (`metrics.py`: scikit-learn, scipy) need the `examples` extra. The metric
 names load on first use, so `from pad_moe_transformers.glue import get_task` works without them.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .precision import cpu_bf16_flags, describe_precision, native_bf16_cpu, resolve_bf16
 from .tasks import GLUE_HUB_DATASET, GLUE_TASKS, GlueTask, get_task
 from .tsv import find_task_dir, glue_features, glue_split_path, load_glue_tsv, read_glue_columns, read_glue_tsv
 
@@ -26,13 +28,17 @@ __all__ = [
     "GlueTask",
     "build_compute_metrics",
     "compute_glue_metrics",
+    "cpu_bf16_flags",
+    "describe_precision",
     "find_task_dir",
     "get_task",
     "glue_features",
     "glue_split_path",
     "load_glue_tsv",
+    "native_bf16_cpu",
     "read_glue_columns",
     "read_glue_tsv",
+    "resolve_bf16",
 ]
 
 
