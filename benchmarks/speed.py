@@ -5,7 +5,8 @@
 Measures, on a MiniLM-sized model (6 layers, hidden 384, FFN 1536, 8 experts, top-2, kappa 0.5)
 and on one BERT-base-sized layer (hidden 768, FFN 3072):
 - FFN layer forward (batch 32 x 128 tokens), training mode (weights of eq. 4 formed each call),
-  forward + backward, and inference mode (eval + no_grad; eq. 4 formed in every forward, no cache);
+  forward + backward, and inference mode (eval + no_grad, inside `merged_pad_weights()`: eq. 4 formed once
+  for the block; `*_unmerged_s` rows: formed in every forward);
 - a full training step of the whole model (forward + backward + AdamW, batch 32 x 128);
 - whole-model inference at batch 1 and batch 32 (sequence 128);
 - peak resident memory of a process that builds the model and runs 2 training steps;
@@ -199,7 +200,9 @@ def bench_layer(hidden: int, inter: int, repeats: int, precision: str, compile_l
             )
         ffn.eval()
         with torch.no_grad(), autocast(precision):
-            results[f"{kind}__forward_inference_s"] = median_time(lambda call=call: call(x), repeats)
+            results[f"{kind}__forward_inference_unmerged_s"] = median_time(lambda call=call: call(x), repeats)
+            with pmt.merged_pad_weights():  # eq. 4 formed once for the block, as an inference loop would
+                results[f"{kind}__forward_inference_s"] = median_time(lambda call=call: call(x), repeats)
     return results
 
 
@@ -225,9 +228,13 @@ def bench_model(repeats: int, precision: str) -> dict:
         for batch in (1, BATCH):
             with torch.no_grad(), autocast(precision):
                 inputs = ids[:batch]
-                results[f"{kind}__inference_b{batch}_s"] = median_time(
+                results[f"{kind}__inference_b{batch}_unmerged_s"] = median_time(
                     lambda model=model, inputs=inputs: model(input_ids=inputs), repeats
                 )
+                with pmt.merged_pad_weights():
+                    results[f"{kind}__inference_b{batch}_s"] = median_time(
+                        lambda model=model, inputs=inputs: model(input_ids=inputs), repeats
+                    )
     return results
 
 

@@ -22,6 +22,7 @@ from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
 from .checkpoint import PADCheckpointError, theoretical_checkpoint_size
 from .configuration_pad_moe import SCALE_FACTOR_MODES, PADMoEConfig
 from .conversion import convert_ffn_to_pad_moe
+from .core import merged_pad_weights
 from .modelcard import build_model_card
 from .modeling_pad_moe import (
     PAD_MODEL_CLASSES,
@@ -108,6 +109,7 @@ __all__ = [
     "convert_convs_to_pad_dyconv",
     "convert_ffn_to_pad_moe",
     "load_balancing_loss",
+    "merged_pad_weights",
     "moe_p_prune",
     "pad_optimizer_cls_and_kwargs",
     "pad_optimizer_grouped_parameters",

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from .core.eq4 import pad_merge
+from .core.inference import inference_value
 from .experts import ExpertWeights, run_experts
 from .pad_linear import PADExpertLinear
 from .router import TopKRouter
@@ -164,7 +165,7 @@ class PADMoEFeedForward(nn.Module):
         """Static neurons share their weights across experts, so their contribution is computed once
         per token (weighted by the sum of the selected gates, which is 1); only the dynamic neurons
         are computed per expert, as smaller dense matmuls."""
-        w = self._neuron_weights()
+        w = inference_value(self, self._neuron_weights)  # inside `merged_pad_weights()` formed once per block
         dynamic = ExpertWeights(
             w["expert_in"], w["expert_out"], w["expert_in_bias"], self.fc_out.effective_bias(), self.activation
         )

@@ -3,6 +3,7 @@
 See docs/architecture.md for the contract.
 """
 
+from .inference import merged_pad_weights
 from .registry import PADLinearRef, named_pad_linears, named_pad_weights
 
-__all__ = ["PADLinearRef", "named_pad_linears", "named_pad_weights"]
+__all__ = ["PADLinearRef", "merged_pad_weights", "named_pad_linears", "named_pad_weights"]

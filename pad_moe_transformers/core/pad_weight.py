@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .compact import decode_compact
 from .eq4 import pad_merge
+from .inference import inference_value
 from .scale_factors import SCALE_FACTOR_NAMES, register_scale_factors, scale_factors
 
 COMPACT_SUFFIXES = ("mask_packed", "static_values", "expert_values")
@@ -65,9 +66,15 @@ class PADWeight(nn.Module):
     def effective_weight(self, dynamic: Tensor | None = None) -> Tensor:
         """Eq. 4: `(K, *shape)` effective weights (`dynamic` replaces `expert_weight`, e.g. a per-sample
         mixture of kernels, `(B, *shape)`). Uses `soft_mask` while IMP scores, else the binary mask."""
+        if dynamic is None and self.soft_mask is None:  # inside `merged_pad_weights()` formed once per block
+            return inference_value(self, self._merge_experts)
         l_s, l_d = self.scale_factors()
         mask = self.mask if self.soft_mask is None else self.soft_mask
         return pad_merge(self.expert_weight if dynamic is None else dynamic, self.static_weight, mask, l_s, l_d)
+
+    def _merge_experts(self) -> Tensor:
+        l_s, l_d = self.scale_factors()
+        return pad_merge(self.expert_weight, self.static_weight, self.mask, l_s, l_d)
 
     # --- bookkeeping read by the partition code and the reports ------------------------------------
     def num_dynamic(self) -> int:
