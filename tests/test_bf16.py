@@ -16,6 +16,7 @@ from test_partition import _batches, _tiny_model
 from test_run_glue import _load_example
 
 import pad_moe_transformers.glue.precision as precision
+import pad_moe_transformers.precision as native_check
 from pad_moe_transformers.partition import partition_model
 
 DEVICE = torch.device(os.environ.get("PAD_MOE_TEST_DEVICE", "cpu"))
@@ -123,24 +124,24 @@ def test_imp_under_bf16_autocast_is_close_to_fp32(granularity, bound, seed):
 )
 def test_native_bf16_cpu_reads_the_cpu_capabilities(monkeypatch, capabilities, native):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
-    assert precision.cpu_bf16_flags() == native
-    assert precision.native_bf16_cpu() == bool(native)
+    assert native_check.cpu_bf16_flags() == native
+    assert native_check.native_bf16_cpu() == native_check.native_bf16_available("cpu") == bool(native)
 
 
 def test_native_bf16_cpu_falls_back_to_proc_cpuinfo(monkeypatch, tmp_path):
     monkeypatch.delattr(torch.cpu, "get_capabilities")
     cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(precision, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(native_check, "CPUINFO", cpuinfo)
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
-    assert precision.native_bf16_cpu()
+    assert native_check.native_bf16_cpu()
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
-    assert not precision.native_bf16_cpu()
+    assert not native_check.native_bf16_cpu()
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_resolve_bf16_and_the_output_line(monkeypatch, native):
     monkeypatch.setattr(precision, "_accelerator_available", lambda: False)
-    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"] if native else [])
+    monkeypatch.setattr(native_check, "cpu_bf16_flags", lambda: ["avx512_bf16"] if native else [])
     assert precision.resolve_bf16("auto") == (native, native)
     assert precision.resolve_bf16("true") == precision.resolve_bf16(True) == (True, True)  # only the CPU is there
     assert precision.resolve_bf16("false") == (False, False)
@@ -167,7 +168,7 @@ def test_resolve_bf16_never_moves_a_run_off_the_accelerator(monkeypatch):
 @pytest.mark.parametrize("native", [True, False])
 def test_run_glue_takes_bf16_auto_and_keeps_bf16_use_cpu(monkeypatch, tmp_path, native):
     monkeypatch.setattr(precision, "_accelerator_available", lambda: False)
-    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"] if native else [])
+    monkeypatch.setattr(native_check, "cpu_bf16_flags", lambda: ["avx512_bf16"] if native else [])
     run_glue = _load_example()
     base = ["--output_dir", str(tmp_path), "--report_to", "none"]
 

@@ -144,9 +144,10 @@ def test_run_glue_bf16_auto_on_the_cpu_says_so(run_glue, tiny_model, glue_dir, t
     """`--bf16 auto` on a CPU with native bf16 trains a PAD model under bf16 autocast (IMP included) and says
     so in the log and in glue_run.json."""
     import pad_moe_transformers.glue.precision as precision
+    import pad_moe_transformers.precision as native_check
 
     monkeypatch.setattr(precision, "_accelerator_available", lambda: False)
-    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["avx512_bf16"])  # as on a CPU that has it
+    monkeypatch.setattr(native_check, "cpu_bf16_flags", lambda: ["avx512_bf16"])  # as on a CPU that has it
     out = tmp_path / "out"
     argv = _argv("rte", "pad", tiny_model, glue_dir, out, "--partition_batches", "2", "--partition_rounds", "2")
     with caplog.at_level("WARNING"):

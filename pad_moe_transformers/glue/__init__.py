@@ -5,8 +5,8 @@
     trainer = Trainer(..., compute_metrics=build_compute_metrics("rte"))
 
 Not part of the model library: nothing in `pad_moe_transformers` outside `cli/` imports it. The
-task table (`tasks.py`), `read_glue_columns` and the bf16 check (`precision.py`, torch imported when
-called) need only the standard library; the `datasets`
+task table (`tasks.py`) and `read_glue_columns` need only the standard library; `precision.py` turns
+`pad_moe_transformers.precision` (native bf16 or not) into `--bf16 auto` and the line a run prints; the `datasets`
 readers and the metrics (`metrics.py`: scikit-learn, scipy) need the `examples` extra. The metric
 names load on first use, so `from pad_moe_transformers.glue import get_task` works without them.
 """

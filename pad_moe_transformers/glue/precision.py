@@ -1,50 +1,21 @@
-"""bf16 on CPU for the examples and benchmarks: does this CPU compute bf16 natively, and what does a run use?
+"""bf16 on CPU for the examples and benchmarks: what a run uses, and whether the CPU's bf16 is native.
 
-    native_bf16_cpu()                  # True with AVX512-BF16 / AMX-BF16 (x86) or BF16 / SVE-BF16 (Arm)
+    native_bf16_cpu()                  # `pad_moe_transformers.precision`: AVX512-BF16 / AMX-BF16, Arm BF16
     resolve_bf16("auto")               # (bf16, use_cpu) for TrainingArguments: bf16 where it is native
     describe_precision(bf16, use_cpu)  # "bf16 autocast on the CPU (native: avx512_bf16)", said in the output
 
 On a CPU, `Trainer` runs bf16 as autocast and needs both ``bf16=True`` and ``use_cpu=True`` (``--bf16
 --use_cpu``); without them it refuses bf16 on a machine with no bf16 GPU. Autocast runs on any CPU, but
 without native bf16 instructions it emulates them and is slower than fp32, so "auto" takes bf16 only
-where it is native. torch is imported inside the functions: the GLUE task table needs the standard
-library only.
+where it is native.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from .. import precision as _native
+from ..precision import cpu_bf16_flags, native_bf16_cpu
 
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
-"""CPU capability names (as `torch.cpu.get_capabilities` and Linux's /proc/cpuinfo spell them) that mean
-native bf16: x86 AVX512-BF16 and AMX-BF16, Arm BF16 and SVE-BF16."""
-
-CPUINFO = Path("/proc/cpuinfo")
-"""Read for the flags when torch has no `torch.cpu.get_capabilities` (Linux only)."""
-
-
-def cpu_bf16_flags() -> list[str]:
-    """The native-bf16 capabilities of this CPU (a subset of `NATIVE_BF16_FLAGS`), empty if it has none."""
-    import torch
-
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.9
-    if get_capabilities is not None:
-        try:
-            capabilities = dict(get_capabilities())
-        except RuntimeError:  # cpuinfo could not initialise: fall back to the kernel's view
-            capabilities = None
-        if capabilities is not None:
-            return [flag for flag in NATIVE_BF16_FLAGS if capabilities.get(flag)]
-    try:
-        flags = set(CPUINFO.read_text().split())
-    except OSError:  # not Linux: say emulated rather than guess
-        return []
-    return [flag for flag in NATIVE_BF16_FLAGS if flag in flags]
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 natively (else bf16 autocast emulates it, slower than fp32)."""
-    return bool(cpu_bf16_flags())
+__all__ = ["cpu_bf16_flags", "describe_precision", "native_bf16_cpu", "resolve_bf16"]
 
 
 def _accelerator_available() -> bool:
@@ -75,7 +46,7 @@ def resolve_bf16(choice: str | bool) -> tuple[bool, bool]:
             from transformers.utils import is_torch_bf16_gpu_available
 
             return is_torch_bf16_gpu_available(), False
-        native = native_bf16_cpu()
+        native = _native.native_bf16_cpu()
         return native, native
     return bool(choice), bool(choice) and not accelerator
 
@@ -88,7 +59,7 @@ def describe_precision(bf16: bool, use_cpu: bool) -> str:
     if not on_cpu:
         name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "the accelerator"
         return f"bf16 autocast on {name}" if bf16 else f"fp32 on {name}"
-    flags = cpu_bf16_flags()
+    flags = _native.cpu_bf16_flags()
     if bf16 and flags:
         return f"bf16 autocast on the CPU (native: {', '.join(flags)})"
     if bf16:
