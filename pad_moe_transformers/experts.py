@@ -121,11 +121,13 @@ def eager_experts_forward(
     return y.index_add_(0, token_of_slot, y_sorted).to(hidden_states.dtype)
 
 
-def _grouped_mm_aligned(experts: ExpertWeights) -> bool:
-    """`grouped_mm` needs every stride of its operands to be a multiple of 16 bytes (else "strides should be
-    multiple of 16 bytes"). Real layers are (hidden 384 or 768, intermediate 4x); a tiny test config or the
-    dynamic slice of a neuron-structured partition may not be: those take the eager experts (a shape check, not a
-    data-dependent one)."""
+def _grouped_mm_supported(experts: ExpertWeights) -> bool:
+    """`grouped_mm` takes fp32 / bf16 / fp16 operands whose strides are multiples of 16 bytes (else "strides should
+    be multiple of 16 bytes"). Real layers are (hidden 384 or 768, intermediate 4x); a float64 model, a tiny test
+    config or the dynamic slice of a neuron-structured partition may not be: those take the eager experts (a
+    dtype and shape check, not a data-dependent one)."""
+    if experts.up_proj.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
     size = experts.up_proj.element_size()
     return all(dim * size % 16 == 0 for dim in (*experts.up_proj.shape[1:], *experts.down_proj.shape[1:]))
 
@@ -139,7 +141,7 @@ def run_experts(
 ) -> Tensor:
     """`(N, H)` -> gate-weighted sum of the selected experts `(N, H)`, by `implementation` (None = eager)."""
     experts = experts.to_autocast_dtype()
-    if implementation == "grouped_mm" and not _grouped_mm_aligned(experts):
+    if implementation == "grouped_mm" and not _grouped_mm_supported(experts):
         implementation = "eager"
     function = ALL_EXPERTS_FUNCTIONS.get_interface(implementation or "eager", eager_experts_forward)
     return function(experts, hidden_states, top_k_index, top_k_weights)

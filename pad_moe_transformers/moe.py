@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
-from .core.eq4 import pad_merge
 from .core.inference import inference_value
 from .experts import ExpertWeights, run_experts
 from .pad_linear import PADExpertLinear
@@ -138,27 +137,23 @@ class PADMoEFeedForward(nn.Module):
     def _neuron_weights(self) -> dict[str, Tensor | None]:
         """Eq. 4 on the neuron slices: the static neurons' rows/columns once, the dynamic ones per expert.
 
-        Each slice goes through `pad_merge` with its own (all-True or all-False) mask slice, so this is
-        eq. 4 itself, restricted to structured masks, not a second formula.
+        `neuron_mask()` has checked that the mask is all True on a dynamic neuron's slices and all False on a static
+        one's, where eq. 4 reduces to ``l_d * W_k`` and ``l_s * W_static``: that is what is formed here (the
+        `pad_merge` of such a slice, without its passes over the mask; `tests/test_neuron_pad.py` checks the two
+        forms agree, gradients included).
         """
         dynamic = self.neuron_mask()
         dyn, sta = dynamic.nonzero(as_tuple=True)[0], (~dynamic).nonzero(as_tuple=True)[0]
         fc_in, fc_out = self.fc_in, self.fc_out
         l_s_in, l_d_in = fc_in.scale_factors()
         l_s_out, l_d_out = fc_out.scale_factors()
-        static_in = fc_in.static_weight[sta]  # (I_s, H)
-        static_out = fc_out.static_weight[:, sta]  # (H, I_s)
         return {
-            "static_in": pad_merge(static_in.unsqueeze(0), static_in, fc_in.mask[sta], l_s_in, l_d_in)[0],
+            "static_in": fc_in.static_weight[sta] * l_s_in,  # (I_s, H)
             "static_in_bias": None if fc_in.static_bias is None else fc_in.static_bias[sta],  # (I_s,)
-            "static_out": pad_merge(static_out.unsqueeze(0), static_out, fc_out.mask[:, sta], l_s_out, l_d_out)[0],
-            "expert_in": pad_merge(  # (E, I_d, H)
-                fc_in.expert_weight[:, dyn], fc_in.static_weight[dyn], fc_in.mask[dyn], l_s_in, l_d_in
-            ),
+            "static_out": fc_out.static_weight[:, sta] * l_s_out,  # (H, I_s)
+            "expert_in": fc_in.expert_weight[:, dyn] * l_d_in,  # (E, I_d, H)
             "expert_in_bias": None if fc_in.expert_bias is None else fc_in.expert_bias[:, dyn],  # (E, I_d)
-            "expert_out": pad_merge(  # (E, H, I_d)
-                fc_out.expert_weight[:, :, dyn], fc_out.static_weight[:, dyn], fc_out.mask[:, dyn], l_s_out, l_d_out
-            ),
+            "expert_out": fc_out.expert_weight[:, :, dyn] * l_d_out,  # (E, H, I_d)
         }
 
     def _neuron_experts_forward(self, x: Tensor, gates: Tensor, experts: Tensor) -> Tensor:

@@ -10,7 +10,8 @@ module-level cache would serve stale weights after any edit it cannot see (`.dat
 each PAD module forms its weights once, on first use, and reuses them for the rest of the block. The cache lives
 in a `ContextVar` (as the routing records do), not on the modules: another thread, or code after the block,
 never sees it; it is dropped when the block ends. Where autograd is recording (grad enabled) the modules
-compute eq. 4 as usual, so gradients are never taken through cached values.
+compute eq. 4 as usual, so gradients are never taken through cached values; so does code being compiled by
+`torch.compile` (which cannot read a `ContextVar`).
 
 Do not edit the weights inside the block: the cached values would not follow (leave the block and enter again).
 """
@@ -45,6 +46,8 @@ def merged_pad_weights() -> Iterator[None]:
 
 def inference_value(owner: Any, compute: Callable[[], T]) -> T:
     """`compute()`, or inside `merged_pad_weights()` with grad disabled, the value computed once for `owner`."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace `ContextVar.get`; a compiled graph forms eq. 4 itself
+        return compute()
     values = _merged_values.get()
     if values is None or torch.is_grad_enabled():
         return compute()
