@@ -14,9 +14,10 @@ and on one BERT-base-sized layer (hidden 768, FFN 3072):
   compiled (`torch.compile`, inductor) when `--compile` is given.
 Kinds: ``dense`` FFN; ``moe`` (the PAD layer with raw expert weights: no eq. 4, no scale factors, so the
 ratio isolates what PAD adds); ``pad`` (element-wise, the paper); ``pad_neuron`` (neuron-structured);
-``hf_moe`` (Transformers' own `use_experts_implementation` experts on the same shapes and routing: an
-outside reference for the MoE). MoE kinds use the ``grouped_mm`` experts backend (Transformers' default);
-``moe@eager`` / ``pad@eager`` rows show the per-expert loop. Every number is a median over repeats; ratios
+``hf_moe`` (Transformers' own `use_experts_implementation` experts on the same shapes and routing, run by
+its grouped_mm: an outside reference for the MoE). MoE kinds use the model's default experts backend (eager
+without CUDA, grouped_mm with it); ``@grouped_mm`` rows force grouped_mm, ``@compiled`` rows are grouped_mm
+under `torch.compile`. Every number is a median over repeats; ratios
 are to the plain MoE and to the dense FFN of the same run. Never run it while another torch process is
 busy: on 2 cores, two processes slow each other 2-5x.
 """
@@ -106,15 +107,23 @@ def partition_neurons_randomly(moe: pmt.PADMoEFeedForward, kappa: float, seed: i
     moe.set_neuron_mask(neurons)
 
 
-LAYER_KINDS = ("dense", "moe", "pad", "pad_neuron", "hf_moe", "moe@eager", "pad@eager")
+LAYER_KINDS = (
+    "dense", "moe", "pad", "pad_neuron", "hf_moe", "moe@grouped_mm", "pad@grouped_mm", "pad_neuron@grouped_mm"
+)  # fmt: skip
 MODEL_KINDS = ("dense", "moe", "pad", "pad_neuron")
-"""dense FFN; plain MoE; element-wise PAD (the paper); neuron-structured PAD; `@eager`: the per-expert loop."""
+"""dense FFN; plain MoE; element-wise PAD (the paper); neuron-structured PAD; `@backend`: that experts backend
+instead of the model's default (eager without CUDA, grouped_mm with it)."""
+
+
+def _default_backend() -> str:
+    """What a PAD model picks when none is requested (`PADMoEPreTrainedModel.get_correct_experts_implementation`)."""
+    return "grouped_mm" if DEVICE.type == "cuda" else "eager"
 
 
 def _split(kind: str) -> tuple[str, str]:
-    """`"pad@eager"` -> `("pad", "eager")`; the default backend is Transformers' default, grouped_mm."""
+    """`"pad@grouped_mm"` -> `("pad", "grouped_mm")`; without `@`, the model's default backend."""
     name, _, backend = kind.partition("@")
-    return name, backend or "grouped_mm"
+    return name, backend or _default_backend()
 
 
 def _granularity(kind: str) -> str:
@@ -186,10 +195,11 @@ def median_time(fn, repeats: int, warmup: int = 2) -> float:
 def bench_layer(hidden: int, inter: int, repeats: int, precision: str, compile_layers: bool) -> dict:
     x = torch.randn(BATCH, SEQ, hidden, device=DEVICE)
     results = {}
+    # compiled: the grouped_mm backend (the eager loop's host sync would split the graph)
     kinds = list(LAYER_KINDS) + (["moe@compiled", "pad@compiled"] if compile_layers else [])
     for kind in kinds:
         torch.manual_seed(0)
-        ffn = make_ffn(kind.removesuffix("@compiled"), hidden, inter).to(DEVICE)
+        ffn = make_ffn(kind.replace("@compiled", "@grouped_mm"), hidden, inter).to(DEVICE)
         call = torch.compile(ffn) if kind.endswith("@compiled") else ffn
         ffn.train()
         with torch.no_grad(), autocast(precision):
@@ -328,7 +338,7 @@ def main() -> None:
             "top_k": 2,
             "dynamic_ratio": 0.5,
             "repeats": args.repeats,
-            "experts_implementation": "grouped_mm (rows marked @eager: the per-expert loop)",
+            "experts_implementation": f"{_default_backend()} (the default here; @grouped_mm rows: grouped_mm)",
             "precisions": precisions,
             "smoke": args.smoke,
         },
@@ -336,7 +346,9 @@ def main() -> None:
     for precision in precisions:
         suffix = "" if precision == "fp32" else f"_{precision}"
         for section, (hidden, inter) in layer_shapes.items():
-            report[section + suffix] = bench_layer(hidden, inter, args.repeats, precision, args.compile)
+            # inductor compiles take minutes on a CPU: compiled rows for the MiniLM layer only
+            compiled = args.compile and section == "minilm_layer"
+            report[section + suffix] = bench_layer(hidden, inter, args.repeats, precision, compiled)
         report["minilm_model" + suffix] = bench_model(args.repeats, precision)
     if not args.skip_memory:
         report["minilm_memory"] = bench_memory()

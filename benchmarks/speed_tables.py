@@ -24,7 +24,10 @@ MODEL_ROWS = (
     ("inference_b32_s", "model inference, batch 32 (`merged_pad_weights`)"),
     ("inference_b32_unmerged_s", "model inference, batch 32 (eq. 4 every forward)"),
 )
-LAYER_KINDS = ("dense", "moe", "pad", "pad_neuron", "hf_moe", "moe@eager", "pad@eager", "moe@compiled", "pad@compiled")
+LAYER_KINDS = (
+    "dense", "moe", "pad", "pad_neuron", "hf_moe", "moe@grouped_mm", "pad@grouped_mm", "pad_neuron@grouped_mm",
+    "moe@eager", "pad@eager", "moe@compiled", "pad@compiled",
+)  # fmt: skip
 MODEL_KINDS = ("dense", "moe", "pad", "pad_neuron")
 
 
@@ -98,8 +101,8 @@ def main() -> None:
         f"Batch {setup['batch']} x {setup['seq']}, {setup['num_experts']} experts, top-{setup['top_k']}, "
         f"kappa {setup['dynamic_ratio']}, median of {setup['repeats']}; experts backend: "
         f"{setup.get('experts_implementation', 'eager')}. Kinds: dense FFN, plain MoE, element-wise PAD, "
-        "neuron-structured PAD, Transformers' own grouped_mm experts (hf_moe), and the MoE / PAD with the eager "
-        "per-expert loop or compiled.",
+        "neuron-structured PAD, Transformers' own grouped_mm experts (hf_moe), and the MoE / PAD with another "
+        "experts backend (@backend) or compiled (grouped_mm under torch.compile).",
         "",
         "## Targets",
         "",

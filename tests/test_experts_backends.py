@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
-from pad_moe_transformers import PADMoEConfig, PADMoEFeedForward
+from pad_moe_transformers import PADMoEConfig, PADMoEFeedForward, apply_partition
+from pad_moe_transformers.core import named_pad_linears
 from pad_moe_transformers.experts import EXPERTS_IMPLEMENTATIONS, ExpertWeights, run_experts
 
 BACKENDS = EXPERTS_IMPLEMENTATIONS
@@ -158,7 +159,11 @@ def _loss_and_grads(model, call=None) -> tuple[torch.Tensor, dict[str, torch.Ten
 
 def test_default_backend_and_standard_selection(dense_dir):
     model = _model(dense_dir)
-    assert model.config._experts_implementation == "grouped_mm"  # Transformers' default for MoE models
+    # Transformers' default (grouped_mm) where CUDA is present; on a CPU-only machine the faster per-expert loop
+    default = "grouped_mm" if torch.cuda.is_available() else "eager"
+    assert model.config._experts_implementation == default
+    assert all(moe.experts_implementation == default for moe in model.moe_layers)
+    model.set_experts_implementation("grouped_mm")
     assert all(moe.experts_implementation == "grouped_mm" for moe in model.moe_layers)
     model.set_experts_implementation("eager")
     assert all(moe.experts_implementation == "eager" for moe in model.moe_layers)
@@ -166,6 +171,16 @@ def test_default_backend_and_standard_selection(dense_dir):
     assert [moe.experts_implementation for moe in loaded.moe_layers] == ["batched_mm"] * 2
     with pytest.raises(ValueError, match="experts_implementation"):
         model.set_experts_implementation("no_such_backend")
+
+
+def test_pad_checkpoint_loads_with_each_backend(dense_dir, tmp_path):
+    model = _model(dense_dir)
+    masks = {ref.short_name: ref.module.mask.clone() for ref in named_pad_linears(model)}
+    apply_partition(model, masks, {"method": "manual"})  # records the hand-made masks, as saving requires
+    model.save_pretrained(tmp_path / "pad")
+    for backend in BACKENDS:
+        loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pad", experts_implementation=backend)
+        assert [moe.experts_implementation for moe in loaded.moe_layers] == [backend] * 2
 
 
 @pytest.mark.parametrize("granularity", ["element", "neuron"])
@@ -185,10 +200,10 @@ def test_models_agree_across_backends_on_padded_batches(dense_dir, granularity):
 
 
 def test_forward_and_backward_trace_as_one_graph(dense_dir):
-    """No host synchronisation and no data-dependent Python control flow: dynamo traces the whole model
+    """With grouped_mm, no host synchronisation and no data-dependent Python control flow: dynamo traces the whole model
     (forward with losses and usage counts, then backward) without a graph break. The `eager` dynamo backend
     checks the tracing without inductor's minutes of C++ compilation; `benchmarks/speed.py` runs inductor."""
-    model = _model(dense_dir)
+    model = _model(dense_dir, experts_implementation="grouped_mm")
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     logits_eager, grads_eager = _loss_and_grads(model)

@@ -401,7 +401,8 @@ def upcycle(cls: type, path, checkpoint_type: str | None, config: Any, model_arg
         )
     config.sync_base_config()
     if "experts_implementation" in kwargs:  # for the PAD model built below, as Transformers' loader would set it
-        config._experts_implementation = kwargs.pop("experts_implementation")
+        # (the internal attribute: the public setter would pass it on to the family config, whose model has no experts)
+        config._experts_implementation_internal = kwargs.pop("experts_implementation")
     want_info = kwargs.get("output_loading_info", False)
     loaded = cls._auto_class_for_head.from_pretrained(path, *model_args, config=config.base_config, **kwargs)
     dense, info = loaded if want_info else (loaded, None)
