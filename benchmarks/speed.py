@@ -71,8 +71,15 @@ class TransformersExperts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden))
         self.act_fn = nn.GELU()
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):  # eager: not used (grouped_mm selected)
-        raise NotImplementedError("benchmark runs Transformers' grouped_mm experts")
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        """Eager experts (used only with `experts_implementation="eager"`; the benchmark selects grouped_mm)."""
+        out = torch.zeros_like(hidden_states)
+        for expert in range(self.num_experts):
+            token, slot = torch.where(top_k_index == expert)
+            h = self.act_fn(nn.functional.linear(hidden_states[token], self.up_proj[expert], self.up_proj_bias[expert]))
+            y = nn.functional.linear(h, self.down_proj[expert], self.down_proj_bias[expert])
+            out.index_add_(0, token, y * top_k_weights[token, slot, None].to(y.dtype))
+        return out
 
 
 class TransformersMoE(nn.Module):
