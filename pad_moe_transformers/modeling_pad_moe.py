@@ -93,7 +93,7 @@ class PADMoEPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
-        # Transformers decides this by finding "@use_experts_implementation" in the model's source file. The PAD
+        # Transformers decides this by finding its `use_experts_implementation` decorator in the model's source. The PAD
         # layers run their experts through the same `ALL_EXPERTS_FUNCTIONS` (`experts.py`, eq. 4 weights passed
         # in), which that heuristic cannot see; so `experts_implementation=` and `set_experts_implementation` apply.
         return True
