@@ -15,16 +15,13 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .architectures import PAD_FFN_LAYOUTS
+from .configuration_common import PADConfigMixin
 from .core.scale_factors import SCALE_FACTOR_MODES
 
 PARTITION_GRANULARITIES = ("element", "neuron")
 
-# Arguments of `from_base` that describe the task head; they go to the nested base config,
-# which the head reads, and are mirrored on the PAD config, which Trainer/pipelines read.
-_HEAD_FIELDS = ("num_labels", "id2label", "label2id", "problem_type")
 
-
-class PADMoEConfig(PreTrainedConfig):
+class PADMoEConfig(PADConfigMixin, PreTrainedConfig):
     r"""Configuration of a PAD-MoE model: a dense BERT-family encoder whose FFN blocks are
     replaced by partially dynamic Mixture-of-Experts layers.
 
@@ -64,7 +61,7 @@ class PADMoEConfig(PreTrainedConfig):
     """
 
     model_type = "pad_moe"
-    is_pad_config: ClassVar[bool] = True  # the partition and checkpoint code accept any config marked so
+    pad_kind: ClassVar[str] = "PAD-MoE"
     sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
     # Keys of the outputs that Trainer must not treat as predictions.
     keys_to_ignore_at_inference: ClassVar[list[str]] = [
@@ -91,16 +88,7 @@ class PADMoEConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.validate_pad_fields()
-        # The task-head fields live on both configs (Trainer and pipelines read this one, the head is built from
-        # the base config). A PAD config built around a base config with its own head (e.g. num_labels=1)
-        # takes it over unless it was given head fields of its own, which then win.
-        default_labels = {i: f"LABEL_{i}" for i in range(2)}
-        if self.id2label == default_labels and self.base_config.id2label != default_labels:
-            _apply_head_fields(
-                self, {k: getattr(self.base_config, k) for k in ("id2label", "label2id", "problem_type")}
-            )
-        else:
-            self.sync_base_config()
+        self._sync_head_fields()
 
     def validate_pad_fields(self) -> None:
         """Raise a `ValueError` naming the field and the allowed values for any invalid PAD field."""
@@ -188,15 +176,7 @@ class PADMoEConfig(PreTrainedConfig):
             )
         pad_fields = {f for f in cls.__dataclass_fields__ if f not in PreTrainedConfig.__dataclass_fields__}
         pad_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in pad_fields}
-        head_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HEAD_FIELDS}
-        for key, value in kwargs.items():
-            if not hasattr(base, key):
-                raise ValueError(
-                    f"Unknown argument {key!r}: it is neither a PAD-MoE field ({sorted(pad_fields)}) "
-                    f"nor an attribute of the {base.model_type} config."
-                )
-            setattr(base, key, value)
-        _apply_head_fields(base, head_kwargs)
+        cls._route_to_base(base, kwargs)
         config = cls(
             base_config=base,
             num_experts=num_experts,
@@ -204,26 +184,8 @@ class PADMoEConfig(PreTrainedConfig):
             dynamic_ratio=dynamic_ratio,
             **pad_kwargs,
         )
-        _apply_head_fields(config, {k: getattr(base, k) for k in ("id2label", "label2id", "problem_type")})
+        config._mirror_head_of_base()
         return config
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
-        """`PreTrainedConfig.from_dict`, plus: keyword overrides that are attributes of the base config
-        (e.g. `hidden_dropout_prob=0.3` at `from_pretrained`) go to the base config, as they would for the
-        plain family model, instead of being passed on to the model's `__init__`."""
-        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
-        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
-        for key in list(unused):
-            if isinstance(config.base_config, PreTrainedConfig) and hasattr(config.base_config, key):
-                setattr(config.base_config, key, unused.pop(key))
-        config.sync_base_config()
-        return (config, unused) if return_unused_kwargs else config
-
-    def sync_base_config(self) -> None:
-        """Copy the task-head fields (`id2label`, `label2id`, `problem_type`) of this config, which Trainer,
-        pipelines and `from_pretrained(..., num_labels=...)` set, to the base config the head is built from."""
-        _apply_head_fields(self.base_config, {k: getattr(self, k) for k in ("id2label", "label2id", "problem_type")})
 
     def get_text_config(self, *args: Any, **kwargs: Any) -> PreTrainedConfig:
         # Overridden: Transformers finds the text config of composite configs under fixed attribute names
@@ -238,13 +200,3 @@ class PADMoEConfig(PreTrainedConfig):
     def is_partitioned(self) -> bool:
         return self.partition is not None
 
-
-def _apply_head_fields(config: PreTrainedConfig, fields: dict[str, Any]) -> None:
-    # `num_labels` rebuilds id2label/label2id, so it goes first and explicit maps override it.
-    if "num_labels" in fields:
-        config.num_labels = fields["num_labels"]
-    for key in ("id2label", "label2id", "problem_type"):
-        if key in fields and fields[key] is not None:
-            setattr(config, key, dict(fields[key]) if isinstance(fields[key], dict) else fields[key])
-    if isinstance(config.id2label, dict):
-        config.id2label = {int(k): v for k, v in config.id2label.items()}

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from ..configuration_pad_moe import _HEAD_FIELDS, _apply_head_fields
+from ..configuration_common import PADConfigMixin
 from ..core.scale_factors import SCALE_FACTOR_MODES
 
 PAD_DYCONV_STEMS: dict[str, tuple[str, ...]] = {
@@ -28,7 +28,7 @@ depthwise and the 1x1 projection convolution of every inverted residual (the ste
 conv) and the final 1x1 convolution, as DY-Conv's MobileNetV2 does. A new family is one row here."""
 
 
-class PADDyConvConfig(PreTrainedConfig):
+class PADDyConvConfig(PADConfigMixin, PreTrainedConfig):
     r"""Configuration of a PAD dynamic-convolution model: a dense ResNet or MobileNetV2 whose convolutions (except
     the stem) are partially dynamic DY-Conv layers.
 
@@ -58,7 +58,7 @@ class PADDyConvConfig(PreTrainedConfig):
     """
 
     model_type = "pad_dyconv"
-    is_pad_config: ClassVar[bool] = True
+    pad_kind: ClassVar[str] = "PAD dynamic-convolution"
     sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet")}
 
     base_config: dict | PreTrainedConfig | None = None
@@ -75,15 +75,7 @@ class PADDyConvConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.validate_pad_fields()
-        # Head fields live on both configs (Trainer and pipelines read this one, the head is built from the base
-        # config); as for PADMoEConfig, a base config with its own label map wins over this config's defaults.
-        default_labels = {i: f"LABEL_{i}" for i in range(2)}
-        if self.id2label == default_labels and self.base_config.id2label != default_labels:
-            _apply_head_fields(
-                self, {k: getattr(self.base_config, k) for k in ("id2label", "label2id", "problem_type")}
-            )
-        else:
-            self.sync_base_config()
+        self._sync_head_fields()
 
     def validate_pad_fields(self) -> None:
         """Raise a `ValueError` naming the field and the allowed values for any invalid PAD field."""
@@ -160,18 +152,8 @@ class PADDyConvConfig(PreTrainedConfig):
                 f"{base_or_path!r} is already a PAD checkpoint ({base.model_type}); load it with "
                 "`AutoModel*.from_pretrained` directly instead of `PADDyConvConfig.from_base`."
             )
-        head_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HEAD_FIELDS}
         extra_pad = {k: kwargs.pop(k) for k in list(kwargs) if k == "partition_granularity"}
-        for key, value in kwargs.items():
-            if not hasattr(base, key):
-                own = PreTrainedConfig.__dataclass_fields__
-                pad_fields = sorted(f for f in cls.__dataclass_fields__ if f not in own)
-                raise ValueError(
-                    f"Unknown argument {key!r}: it is neither a PAD dynamic-convolution field ({pad_fields}) nor an "
-                    f"attribute of the {base.model_type} config."
-                )
-            setattr(base, key, value)
-        _apply_head_fields(base, head_kwargs)
+        cls._route_to_base(base, kwargs)
         config = cls(
             base_config=base,
             num_kernels=num_kernels,
@@ -183,25 +165,8 @@ class PADDyConvConfig(PreTrainedConfig):
             temperature_epochs=temperature_epochs,
             **extra_pad,
         )
-        _apply_head_fields(config, {k: getattr(base, k) for k in ("id2label", "label2id", "problem_type")})
+        config._mirror_head_of_base()
         return config
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
-        """`PreTrainedConfig.from_dict`, plus: keyword overrides that are attributes of the base config go to the
-        base config, as they would for the plain family model."""
-        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
-        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
-        for key in list(unused):
-            if isinstance(config.base_config, PreTrainedConfig) and hasattr(config.base_config, key):
-                setattr(config.base_config, key, unused.pop(key))
-        config.sync_base_config()
-        return (config, unused) if return_unused_kwargs else config
-
-    def sync_base_config(self) -> None:
-        """Copy the task-head fields of this config (which Trainer, pipelines and `from_pretrained(...,
-        num_labels=...)` set) to the base config the head is built from."""
-        _apply_head_fields(self.base_config, {k: getattr(self, k) for k in ("id2label", "label2id", "problem_type")})
 
     def checkpoint_fingerprint(self) -> dict[str, Any]:
         """The fields the tensors of a checkpoint depend on (stored in the `pad_moe.config` header metadata)."""
