@@ -324,6 +324,19 @@ def pyplot():
     return plt
 
 
+def save_inspect_figure(fig: Any, info: dict[str, Any], path: str) -> None:
+    """Title an `inspect --plot` figure with the checkpoint and its partition, write it to `path`, close it."""
+    part = info["partition"]
+    fig.suptitle(
+        f"{info['path']} - "
+        + ("not partitioned" if part is None else f"{part['method']}, kappa {part['target_dynamic_ratio']}"),
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def check_plot_path(path: str | None) -> None:
     """Fail before any work if the plot cannot be written (missing folder, not .png/.pdf/.svg)."""
     if path is None:

@@ -139,15 +139,7 @@ def plot_inspect(info: dict[str, Any], path: str) -> None:
     axes[1].set_ylabel("scale factor")
     axes[1].set_xlabel("convolution (module order, stem excluded)")
     axes[1].legend(fontsize=8)
-    part = info["partition"]
-    fig.suptitle(
-        f"{info['path']} - "
-        + ("not partitioned" if part is None else f"{part['method']}, kappa {part['target_dynamic_ratio']}"),
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_inspect_figure(fig, info, path)
 
 
 # ------------------------------------------------------------------------------------ analyze

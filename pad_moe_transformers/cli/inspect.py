@@ -303,15 +303,7 @@ def plot(info: dict[str, Any], model, path: str) -> None:
         axes[2].set_xlabel("expert")
         axes[2].set_title(f"expert usage ({usage['tokens']:,} tokens)", fontsize=9)
         fig.colorbar(usage_image, ax=axes[2], fraction=0.05, pad=0.02)
-    part = info["partition"]
-    fig.suptitle(
-        f"{info['path']} - "
-        + ("not partitioned" if part is None else f"{part['method']}, kappa {part['target_dynamic_ratio']}"),
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _common.save_inspect_figure(fig, info, path)
 
 
 # ------------------------------------------------------------------------------------ vision
