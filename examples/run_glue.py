@@ -160,11 +160,12 @@ def build_partition_callback(pad_args: PADArguments):
 
 
 def build_optimizer(model, training_args: TrainingArguments, pad_args: PADArguments):
-    """Own lr groups for routers / scale factors when asked; otherwise the Trainer's default optimizer."""
-    if pad_args.router_learning_rate is None and pad_args.scale_learning_rate is None:
-        return None
+    """The Trainer's optimizer (`--optim`); for a PAD model with PAD's groups (own lr for routers / scale factors
+    when asked, and the scale factors always out of weight decay, which would pull a free l_s / l_d towards 0)."""
     if not isinstance(model, pmt.PADMoEPreTrainedModel):
-        raise ValueError("--router_learning_rate / --scale_learning_rate need a PAD-MoE model (not --mode static).")
+        if pad_args.router_learning_rate is not None or pad_args.scale_learning_rate is not None:
+            raise ValueError("--router_learning_rate / --scale_learning_rate need a PAD-MoE model (not --mode static).")
+        return None
     return pad_optimizer_cls_and_kwargs(
         model,
         training_args,

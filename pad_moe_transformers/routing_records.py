@@ -10,6 +10,13 @@ own output capturing uses), so:
 - a layer recomputed by gradient checkpointing during backward runs outside any record and appends
   nothing (each call is counted once);
 - nothing is left on a module after a forward, whether it returned or raised (deepcopy, pickling).
+
+Why not Transformers' `_can_record_outputs` + `capture_outputs` (as Mixtral records its router logits): the
+routers live inside the wrapped family model (a `PreTrainedModel` of its own, e.g. `BertModel`). Transformers
+installs the hooks below a nested `PreTrainedModel` from *that* model's `_can_record_outputs`, and the nested
+model's own `capture_outputs` sets a new collector for the length of its forward, which hides the wrapper's.
+A `router_logits` entry declared on the PAD model would therefore never see a router; declaring it would only
+make Transformers' `test_moe_models_record_router_logits` pass without recording anything.
 """
 
 from __future__ import annotations

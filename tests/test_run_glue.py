@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from _fixtures import save_tiny_bert, write_glue_tsvs
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizerFast
 
 import pad_moe_transformers as pmt
+from pad_moe_transformers.pad_linear import SCALE_FACTOR_NAMES
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "run_glue.py"
 WORDS = "the a cat dog man woman is was on in park ball plays runs sleeps red big small".split()
@@ -162,6 +164,24 @@ def test_run_glue_bf16_auto_on_the_cpu_says_so(run_glue, tiny_model, glue_dir, t
 def test_new_parameter_learning_rates_need_a_pad_model(run_glue, tiny_model, glue_dir, tmp_path):
     with pytest.raises(ValueError, match="need a PAD-MoE model"):
         run_glue.main(_argv("rte", "static", tiny_model, glue_dir, tmp_path / "out", "--scale_learning_rate", "1e-2"))
+
+
+def test_pad_models_keep_scale_factors_out_of_weight_decay(run_glue, tiny_model):
+    """With the default arguments (weight decay 0.1, no own learning rates) a PAD model still gets PAD's groups:
+    the Trainer's default rule would decay the scale factors (pulling a free l_s / l_d towards 0)."""
+    _, _, pad_args, training_args = run_glue.parse_args(["--mode", "pad", "--output_dir", "unused"])
+    config = pmt.PADMoEConfig.from_base(tiny_model, num_experts=4, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, config=config)
+    optimizer_cls, kwargs = run_glue.build_optimizer(model, training_args, pad_args)
+    assert optimizer_cls is torch.optim.AdamW and kwargs["fused"] and kwargs["betas"] == (0.9, 0.98)
+    scale_ids = {id(p) for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in SCALE_FACTOR_NAMES}
+    assert scale_ids
+    for group in kwargs["params"]:
+        in_group = {id(p) for p in group["params"]}
+        assert not in_group & scale_ids or (in_group <= scale_ids and group["weight_decay"] == 0.0)
+    assert max(group["weight_decay"] for group in kwargs["params"]) == 0.1
+    dense = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    assert run_glue.build_optimizer(dense, training_args, pad_args) is None  # the Trainer's own optimizer
 
 
 def test_pad_mode_without_callback_is_explained(run_glue, monkeypatch):
