@@ -119,6 +119,20 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
             paper = report["paper_bert_base"][name]
             cells = " | ".join(f"{paper[k]:+.1f}" if k in paper else "-" for k in keys)
             lines.append(f"| paper (BERT-base) | {cells} |")
+    verdicts = [name for name in report["comparisons"] if name in stats["differences"]]
+    if verdicts:
+        lines += [
+            "",
+            "Verdict on each claim `a > b`: holds (CI above 0), reversed (CI below 0) or unresolved (CI spans 0); "
+            "and where the paper's BERT-base difference lies against the CI:",
+            "",
+            "| claim | " + " | ".join(keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        for name in verdicts:
+            diff, paper = stats["differences"][name], report["paper_bert_base"].get(name, {})
+            cells = " | ".join(glue_stats.verdict(diff.get(k), paper.get(k)) for k in keys)
+            lines.append(f"| {name.replace(' - ', ' > ')} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

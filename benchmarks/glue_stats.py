@@ -142,3 +142,18 @@ def format_estimate(est: Mapping | None, signed: bool = False) -> str:
         mark = "*" if est["low"] > 0 or est["high"] < 0 else ""
         return f"{est['mean']:+.2f} [{est['low']:+.2f}, {est['high']:+.2f}]{mark}"
     return f"{est['mean']:.2f}" + ("" if est["std"] is None else f" +- {est['std']:.2f}")
+
+
+def verdict(est: Mapping | None, paper: float | None = None) -> str:
+    """What a paired difference `a - b` says about the paper's claim `a > b` (and its size `paper`):
+    "holds" when the CI lies above 0, "reversed" below 0, "unresolved" when it spans 0; then whether the
+    paper's difference lies inside, above or below the CI. A single seed gives no verdict."""
+    if not est:
+        return "-"
+    if est["low"] is None:
+        return "n=1, no CI"
+    word = "holds" if est["low"] > 0 else "reversed" if est["high"] < 0 else "unresolved"
+    if paper is None:
+        return word
+    where = "in CI" if est["low"] <= paper <= est["high"] else "above CI" if paper > est["high"] else "below CI"
+    return f"{word}; paper {paper:+.1f} {where}"

@@ -73,3 +73,16 @@ def test_format():
     assert glue_stats.format_estimate(diff, signed=True) == "+1.00 [+0.75, +1.25]*"
     assert glue_stats.format_estimate(glue_stats.seed_estimate(PAD).to_dict()) == "85.00 +- 1.00"
     assert glue_stats.format_estimate(None) == "-"
+
+
+def test_verdict():
+    resolved = glue_stats.paired_difference({1: 2.0, 2: 2.2, 3: 1.9}, {1: 1.0, 2: 1.1, 3: 1.0}).to_dict()
+    assert glue_stats.verdict(resolved) == "holds"
+    assert glue_stats.verdict(resolved, 1.9) == "holds; paper +1.9 above CI"  # CI [0.75, 1.25]
+    assert glue_stats.verdict(resolved, 1.0) == "holds; paper +1.0 in CI"
+    reversed_ = glue_stats.paired_difference({1: 1.0, 2: 1.1, 3: 1.0}, {1: 2.0, 2: 2.2, 3: 1.9}).to_dict()
+    assert glue_stats.verdict(reversed_, 0.5) == "reversed; paper +0.5 above CI"
+    spans = glue_stats.paired_difference(PAD, MOE).to_dict()  # CI [-0.24, 2.24]
+    assert glue_stats.verdict(spans, -1.0) == "unresolved; paper -1.0 below CI"
+    assert glue_stats.verdict(glue_stats.paired_difference(PAD, {43: 80.0}).to_dict()) == "n=1, no CI"
+    assert glue_stats.verdict(None) == "-"
