@@ -67,6 +67,27 @@ def build(table, runs: Sequence[dict], main_metric: Mapping[str, str], tasks: Se
     }  # fmt: skip
 
 
+def provenance(runs: Sequence[dict]) -> list[str]:
+    """A line saying which commits and thread counts the runs themselves had: reused runs keep the commit they
+    were run at, while the header gives the report writer's."""
+    commits: dict[str, int] = defaultdict(int)
+    layouts: dict[str, int] = defaultdict(int)
+    for run in runs:
+        git = run.get("git") or {}
+        commits[f"{(git.get('commit') or '?')[:10]}{' (dirty)' if git.get('dirty') else ''}"] += 1
+        layouts[f"{run.get('threads', '?')} thread(s)"] += 1
+    if not runs:
+        return []
+
+    def counts(tally: dict[str, int]) -> str:
+        return ", ".join(f"{key}: {n}" for key, n in sorted(tally.items()))
+
+    return [
+        f"Runs by commit: {counts(commits)}; by threads per run: {counts(layouts)} (wall times compare only "
+        "within one thread count)."
+    ]
+
+
 def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
     s, tasks = report["settings"], report["tasks"]
     lines = [f"# {report['title']}", ""] + ([f"Claim checked: {report['claim']}.", ""] if report["claim"] else [])
@@ -82,6 +103,7 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
         f"{s['parallel_runs']} run(s) at a time, {s['threads_per_run']} thread(s) each; commit "
         f"{(git['commit'] or '?')[:10]}{' (dirty)' if git['dirty'] else ''}."
         + (" **Smoke run: tiny model, 3 steps; the numbers mean nothing.**" if s["smoke"] else ""),
+        *provenance(report["runs"]),
         f"{'Complete' if report['complete'] else '**Partial** (runs still missing)'}: {len(report['runs'])} runs. "
         "Main metric x100: " + ", ".join(f"{t}: {m}" for t, m in main_metric.items() if t in tasks) + ".",
     ]
