@@ -88,6 +88,11 @@ def provenance(runs: Sequence[dict]) -> list[str]:
     ]
 
 
+def table_head(intro: str, first: str, keys: Sequence[str], align: str) -> list[str]:
+    """The lines that open a markdown table: a blank line, `intro`, a blank line, the header and its rule."""
+    return ["", intro, "", f"| {first} | " + " | ".join(keys) + " |", "|---|" + f"{align}|" * len(keys)]
+
+
 def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
     s, tasks = report["settings"], report["tasks"]
     lines = [f"# {report['title']}", ""] + ([f"Claim checked: {report['claim']}.", ""] if report["claim"] else [])
@@ -123,14 +128,13 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
         params = "?" if not params else f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params:,.0f}"
         cells = " | ".join(glue_stats.format_estimate(est.get(k)) for k in keys)
         lines.append(f"| {variant} | {params} | {cells} | {info['wall_s_mean']:.0f} |")
-    lines += [
-        "",
+    lines += table_head(
         "Paired differences, mean [95% CI] (Student t over the seeds both variants finished; * = the CI excludes 0); "
         "below each, the paper's BERT-base difference:",
-        "",
-        "| difference | " + " | ".join(keys) + " |",
-        "|---|" + "---:|" * len(keys),
-    ]
+        "difference",
+        keys,
+        "---:",
+    )
     for name in report["comparisons"]:
         diff = stats["differences"].get(name)
         if diff is None:
@@ -143,14 +147,13 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
             lines.append(f"| paper (BERT-base) | {cells} |")
     verdicts = [name for name in report["comparisons"] if name in stats["differences"]]
     if verdicts:
-        lines += [
-            "",
+        lines += table_head(
             "Verdict on each claim `a > b`: holds (CI above 0), reversed (CI below 0) or unresolved (CI spans 0); "
             "and where the paper's BERT-base difference lies against the CI:",
-            "",
-            "| claim | " + " | ".join(keys) + " |",
-            "|---|" + "---|" * len(keys),
-        ]
+            "claim",
+            keys,
+            "---",
+        )
         for name in verdicts:
             diff, paper = stats["differences"][name], report["paper_bert_base"].get(name, {})
             cells = " | ".join(glue_stats.verdict(diff.get(k), paper.get(k)) for k in keys)
