@@ -1,0 +1,150 @@
+"""How much the masks of a GLUE table's PAD runs agree: between partition methods (IMP / MP / Random) of one
+seed, and between seeds of one method.
+
+    python benchmarks/glue_masks.py --table fig4      # -> benchmarks/results/glue_fig4_masks.{json,md}
+
+It reads the finished runs that `glue_quality.py` lists in the table's result file and the masks their
+compact checkpoints hold (`<run>/model.safetensors`, `*.mask_packed`), so it needs the run directories
+(`--work_dir`, default `outputs/glue_quality`) but no model code and no training. For two masks A and B of
+the same weights it reports
+
+    agreement   the fraction of entries where A and B choose the same mode (static or dynamic)
+    shared      |A and B| / min(|A|, |B|): the fraction of the smaller dynamic set that the other one holds
+    chance      the agreement two independent random masks of the same densities would have on average
+
+over all PAD weights of the model (and the lowest and highest agreement of one weight). Why it matters: two
+partition methods whose masks mostly agree cannot be told apart by fine-tuning scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+from _paths import ROOT, relative_path  # benchmarks/_paths.py
+from glue_quality import run_dir  # benchmarks/glue_quality.py
+from glue_tables import TABLE_ALIASES  # benchmarks/glue_tables.py
+from safetensors import safe_open
+
+MASK_SUFFIX = ".mask_packed"
+
+
+def read_masks(checkpoint: Path) -> dict[str, np.ndarray]:
+    """`{weight prefix: flat bool mask}` of a compact PAD checkpoint (the layout of `core/compact.py`: the
+    mask bit-packed LSB first, its length the number of static plus dynamic entries)."""
+    masks = {}
+    with safe_open(str(checkpoint), "np") as f:
+        for key in f.keys():
+            if not key.endswith(MASK_SUFFIX):
+                continue
+            prefix = key[: -len(MASK_SUFFIX)]
+            numel = f.get_slice(f"{prefix}.static_values").get_shape()[0]
+            numel += f.get_slice(f"{prefix}.expert_values").get_shape()[-1]
+            bits = np.unpackbits(f.get_tensor(key).view(np.uint8), bitorder="little")
+            masks[prefix] = bits[:numel].astype(bool)
+    if not masks:
+        raise ValueError(f"{checkpoint} holds no packed PAD mask: is it a PAD run saved in the compact format?")
+    return masks
+
+
+def mask_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
+    """Agreement, shared dynamic fraction and chance agreement of two masks of the same model (see the module
+    docstring); `min_weight` / `max_weight`: the lowest and highest agreement of a single weight."""
+    if a.keys() != b.keys():
+        raise ValueError("the two runs have PAD masks on different weights; compare runs of one model")
+    per_weight, equal, both, chance, total = [], 0, 0, 0.0, 0
+    size_a = size_b = 0
+    for key in a:
+        x, y = a[key], b[key]
+        if x.shape != y.shape:
+            raise ValueError(f"mask {key}: {x.shape} vs {y.shape}")
+        same = int((x == y).sum())
+        per_weight.append(same / x.size)
+        equal, both, total = equal + same, both + int((x & y).sum()), total + x.size
+        da, db = x.mean(), y.mean()
+        chance += x.size * (da * db + (1 - da) * (1 - db))
+        size_a, size_b = size_a + int(x.sum()), size_b + int(y.sum())
+    return {
+        "agreement": equal / total,
+        "shared": both / max(1, min(size_a, size_b)),
+        "chance": chance / total,
+        "density_a": size_a / total,
+        "density_b": size_b / total,
+        "min_weight": min(per_weight),
+        "max_weight": max(per_weight),
+    }
+
+
+def variant_of(run: dict, variants: dict[str, dict]) -> str:
+    """The table's name for a run's settings (`imp`, `mp`, ...)."""
+    for name, settings in variants.items():
+        if all(run["settings"].get(k) == v for k, v in settings.items()):
+            return name
+    raise ValueError(f"run {run['settings']} matches no variant of the table")
+
+
+def compare(result: dict, work_dir: Path) -> dict:
+    """Pairwise mask agreement of the PAD runs of a `glue_quality.py` result: within each (task, seed) across
+    variants, and within each (task, variant) across seeds."""
+    masks: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
+    for run in result["runs"]:
+        if run["settings"]["mode"] != "pad":
+            continue
+        checkpoint = run_dir(run["settings"], work_dir) / "model.safetensors"
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint} is missing: the run's weights were deleted or never saved")
+        masks[(run["task"], variant_of(run, result["variants"]), run["seed"])] = read_masks(checkpoint)
+    pairs = []
+    for (ka, ma), (kb, mb) in itertools.combinations(sorted(masks.items()), 2):
+        same_seed = ka[0] == kb[0] and ka[2] == kb[2]
+        same_variant = ka[0] == kb[0] and ka[1] == kb[1]
+        if same_seed or same_variant:
+            kind = "variants, one seed" if same_seed else "seeds, one variant"
+            pairs.append({"task": ka[0], "kind": kind, "a": [ka[1], ka[2]], "b": [kb[1], kb[2]],
+                          **mask_agreement(ma, mb)})  # fmt: skip
+    return {"table": result["table"], "work_dir": relative_path(work_dir), "pairs": pairs}
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Mask agreement of the PAD runs of {report['table']}",
+        "",
+        "agreement: fraction of entries with the same mode; shared: fraction of the smaller dynamic set that the "
+        "other mask holds; chance: the agreement of independent random masks of the same densities; "
+        "weights: lowest - highest agreement of one weight.",
+        "",
+        "| task | compared | a | b | agreement | shared | chance | weights |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for p in report["pairs"]:
+        lines.append(
+            f"| {p['task']} | {p['kind']} | {p['a'][0]} s{p['a'][1]} | {p['b'][0]} s{p['b'][1]} | "
+            f"{p['agreement']:.4f} | {p['shared']:.4f} | {p['chance']:.4f} | "
+            f"{p['min_weight']:.3f} - {p['max_weight']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", choices=list(TABLE_ALIASES), default="fig4")
+    parser.add_argument("--results", default=None, help="Result file (default: benchmarks/results/glue_<table>.json)")
+    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "glue_quality"))
+    parser.add_argument("--out", default=None, help="Path stem (default: benchmarks/results/glue_<table>_masks)")
+    args = parser.parse_args(argv)
+    name = TABLE_ALIASES[args.table]
+    results = Path(args.results or ROOT / "benchmarks" / "results" / f"glue_{name}.json")
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"glue_{name}_masks")
+    report = compare(json.loads(results.read_text()), Path(args.work_dir))
+    report["results"] = relative_path(results)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
