@@ -5,7 +5,7 @@ seed, and between seeds of one method.
 
 It reads the finished runs that `glue_quality.py` lists in the table's result file and the masks their
 compact checkpoints hold (`<run>/model.safetensors`, `*.mask_packed`), so it needs the run directories
-(`--work_dir`, default `outputs/glue_quality`) but no model code and no training. For two masks A and B of
+(`--work_dir`, default `outputs/glue_quality`) but no model and no training. For two masks A and B of
 the same weights it reports
 
     agreement   the fraction of entries where A and B choose the same mode (static or dynamic)
@@ -29,22 +29,23 @@ from glue_quality import run_dir  # benchmarks/glue_quality.py
 from glue_tables import TABLE_ALIASES  # benchmarks/glue_tables.py
 from safetensors import safe_open
 
+from pad_moe_transformers.checkpoint import unpack_mask
+
 MASK_SUFFIX = ".mask_packed"
 
 
 def read_masks(checkpoint: Path) -> dict[str, np.ndarray]:
     """`{weight prefix: flat bool mask}` of a compact PAD checkpoint (the layout of `core/compact.py`: the
-    mask bit-packed LSB first, its length the number of static plus dynamic entries)."""
+    mask's length is the number of static plus dynamic entries)."""
     masks = {}
-    with safe_open(str(checkpoint), "np") as f:
+    with safe_open(str(checkpoint), "pt") as f:
         for key in f.keys():
             if not key.endswith(MASK_SUFFIX):
                 continue
             prefix = key[: -len(MASK_SUFFIX)]
             numel = f.get_slice(f"{prefix}.static_values").get_shape()[0]
             numel += f.get_slice(f"{prefix}.expert_values").get_shape()[-1]
-            bits = np.unpackbits(f.get_tensor(key).view(np.uint8), bitorder="little")
-            masks[prefix] = bits[:numel].astype(bool)
+            masks[prefix] = unpack_mask(f.get_tensor(key), numel).numpy()
     if not masks:
         raise ValueError(f"{checkpoint} holds no packed PAD mask: is it a PAD run saved in the compact format?")
     return masks
@@ -78,14 +79,6 @@ def mask_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[s
     }
 
 
-def variant_of(run: dict, variants: dict[str, dict]) -> str:
-    """The table's name for a run's settings (`imp`, `mp`, ...)."""
-    for name, settings in variants.items():
-        if all(run["settings"].get(k) == v for k, v in settings.items()):
-            return name
-    raise ValueError(f"run {run['settings']} matches no variant of the table")
-
-
 def compare(result: dict, work_dir: Path) -> dict:
     """Pairwise mask agreement of the PAD runs of a `glue_quality.py` result: within each (task, seed) across
     variants, and within each (task, variant) across seeds."""
@@ -96,7 +89,7 @@ def compare(result: dict, work_dir: Path) -> dict:
         checkpoint = run_dir(run["settings"], work_dir) / "model.safetensors"
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint} is missing: the run's weights were deleted or never saved")
-        masks[(run["task"], variant_of(run, result["variants"]), run["seed"])] = read_masks(checkpoint)
+        masks[(run["task"], run["variant"], run["seed"])] = read_masks(checkpoint)
     pairs = []
     for (ka, ma), (kb, mb) in itertools.combinations(sorted(masks.items()), 2):
         same_seed = ka[0] == kb[0] and ka[2] == kb[2]

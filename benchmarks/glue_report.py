@@ -67,14 +67,19 @@ def build(table, runs: Sequence[dict], main_metric: Mapping[str, str], tasks: Se
     }  # fmt: skip
 
 
+def commit_label(git: Mapping | None) -> str:
+    """`<commit, 10 digits>[ (dirty)]` of a `{"commit", "dirty"}` record (`?` when unknown)."""
+    git = git or {}
+    return f"{(git.get('commit') or '?')[:10]}{' (dirty)' if git.get('dirty') else ''}"
+
+
 def provenance(runs: Sequence[dict]) -> list[str]:
     """A line saying which commits and thread counts the runs themselves had: reused runs keep the commit they
     were run at, while the header gives the report writer's."""
     commits: dict[str, int] = defaultdict(int)
     layouts: dict[str, int] = defaultdict(int)
     for run in runs:
-        git = run.get("git") or {}
-        commits[f"{(git.get('commit') or '?')[:10]}{' (dirty)' if git.get('dirty') else ''}"] += 1
+        commits[commit_label(run.get("git"))] += 1
         layouts[f"{run.get('threads', '?')} thread(s)"] += 1
     if not runs:
         return []
@@ -106,7 +111,7 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
         + f", lr {s['learning_rate']:g}, batch {s['batch_size']}, train rows: {s['max_train_samples']}; seeds "
         f"{', '.join(map(str, s['seeds']))}; precision: {report['precision']}; {report['device']}, "
         f"{s['parallel_runs']} run(s) at a time, {s['threads_per_run']} thread(s) each; commit "
-        f"{(git['commit'] or '?')[:10]}{' (dirty)' if git['dirty'] else ''}."
+        f"{commit_label(git)}."
         + (" **Smoke run: tiny model, 3 steps; the numbers mean nothing.**" if s["smoke"] else ""),
         *provenance(report["runs"]),
         f"{'Complete' if report['complete'] else '**Partial** (runs still missing)'}: {len(report['runs'])} runs. "

@@ -66,9 +66,10 @@ def test_compare_pairs_variants_of_a_seed_and_seeds_of_a_variant(tmp_path):
     for variant, seed in (("imp", 42), ("random", 42), ("imp", 43)):
         settings = {"task": "stsb", "seed": seed, **variants[variant]}
         save_pad(glue_quality.run_dir(settings, tmp_path), seed=seed if variant == "imp" else 7)
-        runs.append({"task": "stsb", "seed": seed, "settings": settings})
-    runs.append({"task": "stsb", "seed": 42, "settings": {"task": "stsb", "seed": 42, "mode": "moe"}})  # skipped
-    report = glue_masks.compare({"table": "fig4", "variants": variants, "runs": runs}, tmp_path)
+        runs.append({"task": "stsb", "seed": seed, "variant": variant, "settings": settings})
+    moe = {"task": "stsb", "seed": 42, "mode": "moe"}
+    runs.append({"task": "stsb", "seed": 42, "variant": "moe", "settings": moe})  # skipped: not a PAD run
+    report = glue_masks.compare({"table": "fig4", "runs": runs}, tmp_path)
     pairs = {(p["kind"], tuple(p["a"]), tuple(p["b"])): p for p in report["pairs"]}
     assert set(pairs) == {
         ("variants, one seed", ("imp", 42), ("random", 42)),
@@ -83,10 +84,6 @@ def test_compare_pairs_variants_of_a_seed_and_seeds_of_a_variant(tmp_path):
 
 def test_a_run_without_weights_is_named(tmp_path):
     settings = {"task": "stsb", "seed": 42, "mode": "pad", "partition": "imp"}
-    result = {
-        "table": "fig4",
-        "variants": {"imp": settings},
-        "runs": [{"task": "stsb", "seed": 42, "settings": settings}],
-    }
+    result = {"table": "fig4", "runs": [{"task": "stsb", "seed": 42, "variant": "imp", "settings": settings}]}
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         glue_masks.compare(result, tmp_path)
