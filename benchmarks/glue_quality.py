@@ -19,7 +19,9 @@ checksums that the report checks). Results (`benchmarks/results/glue_<table>.{js
 the task average, mean +- std over seeds and the paired differences (PAD - MoE, ...) with 95% t intervals
 (`glue_stats.py`). Runs are resumable: each finished run (`<work_dir>/<task>_<mode>_s<seed>_<hash of its
 settings>/benchmark_run.json`) is reused by every table that needs the same settings (Table 5 reuses Table 1's
-MoE and PAD runs). The report is rewritten after every run, so a killed job leaves a partial table.
+MoE and PAD runs). The report is rewritten after every run, so a killed job leaves a partial table; it holds
+the records of its runs, which are reused from `--reports_dir` (the committed results) on a machine whose work
+directory is gone.
 """
 
 from __future__ import annotations
@@ -146,18 +148,44 @@ def main_score(task: str, metrics: dict) -> float:
     return 100.0 * metrics[f"eval_{MAIN_METRIC[task]}"]
 
 
-def finished_run(settings: dict, work_dir: Path) -> dict | None:
+def reported_runs(reports_dir: Path) -> dict[str, dict]:
+    """The run records inside the reports in `reports_dir` (`glue_*.json`), by run directory name.
+
+    A report holds every record it was built from, so the committed results are enough to resume a table on a
+    fresh machine, where the work directory of earlier sessions is gone."""
+    runs: dict[str, dict] = {}
+    for path in sorted(Path(reports_dir).glob("glue_*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        records = report.get("runs") if isinstance(report, dict) else None
+        for run in records if isinstance(records, list) else []:
+            if isinstance(run, dict) and isinstance(run.get("settings"), dict):
+                record = {key: value for key, value in run.items() if key not in ("reused", "variant")}
+                runs.setdefault(run_dir(run["settings"], Path(".")).name, record)
+    return runs
+
+
+def finished_run(settings: dict, work_dir: Path, reported: dict[str, dict] | None = None) -> dict | None:
+    """The record of the finished run with these settings: from the work directory, else from a report
+    (`reported_runs`), written back to the work directory so that any later process finds it there."""
     record = run_dir(settings, work_dir) / "benchmark_run.json"
     if record.is_file():
         run = json.loads(record.read_text())
         if run.get("settings") == settings:
             return run
+    run = (reported or {}).get(record.parent.name)
+    if run is not None and run["settings"] == settings:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(run, indent=2))
+        return run
     return None
 
 
 def execute(settings: dict, args: argparse.Namespace) -> dict:
     """Run one job (or reuse it when finished with the same settings) and return its record."""
-    if not args.rerun and (previous := finished_run(settings, Path(args.work_dir))):
+    if not args.rerun and (previous := finished_run(settings, Path(args.work_dir), args.reported)):
         return {**previous, "reused": True}
     output_dir = run_dir(settings, Path(args.work_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +241,7 @@ def run_table(table: Table, args: argparse.Namespace) -> dict:
 
     if args.report_only:
         for job in jobs:
-            if previous := finished_run(settings[job], Path(args.work_dir)):
+            if previous := finished_run(settings[job], Path(args.work_dir), args.reported):
                 finish(job, {**previous, "reused": True})
         return report if runs else write(table, [], args, complete=False)
     failed = []
@@ -298,6 +326,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--delete_models", action="store_true", help="Delete each run's saved weights (disk).")
     parser.add_argument("--smoke", action="store_true", help="Tiny model and data, 3 steps: tests the pipeline.")
     parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "glue_quality"))
+    parser.add_argument(
+        "--reports_dir",
+        default=None,
+        help="Reports whose runs are reused when --work_dir lacks them (default: benchmarks/results; smoke: its own).",
+    )
     parser.add_argument("--out", default=None, help="Result path stem (default: benchmarks/results/glue_<table>).")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Further run_glue.py arguments, last.")
     return parser.parse_args(argv)
@@ -315,6 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.max_steps, args.batch_size, args.extra = args.max_steps or 3, 8, [*SMOKE_ARGS, *args.extra]
         args.out = args.out or str(Path(args.work_dir) / "results" / f"glue_{table.name}")
     args.out = args.out or str(ROOT / "benchmarks" / "results" / f"glue_{table.name}")
+    default_reports = Path(args.work_dir) / "results" if args.smoke else ROOT / "benchmarks" / "results"
+    args.reported = reported_runs(Path(args.reports_dir) if args.reports_dir else default_reports)
     args.precision, args.precision_args = resolve_precision(args.precision)
     args.threads, args.git = max(1, (os.cpu_count() or 1) // args.parallel), git_commit()
     if table.hub and not args.report_only and not hub_reachable():

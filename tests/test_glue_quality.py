@@ -128,3 +128,24 @@ def test_precision_is_stated(monkeypatch):
     monkeypatch.setattr(glue_quality, "native_bf16_cpu", lambda: False)
     assert glue_quality.resolve_precision("auto") == ("fp32 (no native bf16 on this CPU)", [])
     assert glue_quality.resolve_precision("fp32")[1] == []
+
+
+def test_finished_runs_are_reused_from_reports(tmp_path):
+    """A fresh machine has no work directory: the runs recorded in the committed reports are reused from them."""
+    settings = {"task": "rte", "mode": "pad", "seed": 42, "epochs": 3.0}
+    record = {"task": "rte", "seed": 42, "settings": settings, "score": 61.0}
+    other = {**record, "settings": {**settings, "seed": 43}, "seed": 43}
+    reports, work = tmp_path / "results", tmp_path / "work"
+    reports.mkdir()
+    runs = [{**record, "variant": "pad", "reused": True}, {**other, "variant": "pad"}]
+    (reports / "glue_table1.json").write_text(json.dumps({"runs": runs}))
+    (reports / "glue_table1.md").write_text("not a report")
+    (reports / "glue_analysis.json").write_text(json.dumps([{"no": "runs"}]))  # other result shapes are skipped
+
+    reported = glue_quality.reported_runs(reports)
+    assert len(reported) == 2
+    assert glue_quality.finished_run(settings, work, reported) == record  # without the report-only keys
+    written = glue_quality.run_dir(settings, work) / "benchmark_run.json"
+    assert json.loads(written.read_text()) == record  # written back: found without the reports next time
+    assert glue_quality.finished_run(settings, work) == record
+    assert glue_quality.finished_run({**settings, "epochs": 10.0}, work, reported) is None
