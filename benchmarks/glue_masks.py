@@ -79,16 +79,24 @@ def mask_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[s
     }
 
 
-def compare(result: dict, work_dir: Path) -> dict:
+def compare(result: dict, work_dir: Path, skip_missing: bool = False) -> dict:
     """Pairwise mask agreement of the PAD runs of a `glue_quality.py` result: within each (task, seed) across
-    variants, and within each (task, variant) across seeds."""
+    variants, and within each (task, variant) across seeds. `skip_missing`: leave out runs whose weights are
+    not in `work_dir` (runs reused from another machine's report) and name them under `"missing"`."""
     masks: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
+    missing = []
     for run in result["runs"]:
         if run["settings"]["mode"] != "pad":
             continue
         checkpoint = run_dir(run["settings"], work_dir) / "model.safetensors"
         if not checkpoint.is_file():
-            raise FileNotFoundError(f"{checkpoint} is missing: the run's weights were deleted or never saved")
+            if skip_missing:
+                missing.append([run["task"], run["variant"], run["seed"]])
+                continue
+            raise FileNotFoundError(
+                f"{checkpoint} is missing: the run's weights were deleted or never saved "
+                "(--skip_missing compares the runs that are there)"
+            )
         masks[(run["task"], run["variant"], run["seed"])] = read_masks(checkpoint)
     pairs = []
     for (ka, ma), (kb, mb) in itertools.combinations(sorted(masks.items()), 2):
@@ -98,10 +106,12 @@ def compare(result: dict, work_dir: Path) -> dict:
             kind = "variants, one seed" if same_seed else "seeds, one variant"
             pairs.append({"task": ka[0], "kind": kind, "a": [ka[1], ka[2]], "b": [kb[1], kb[2]],
                           **mask_agreement(ma, mb)})  # fmt: skip
-    return {"table": result["table"], "work_dir": relative_path(work_dir), "pairs": pairs}
+    return {"table": result["table"], "work_dir": relative_path(work_dir), "pairs": pairs, "missing": missing}
 
 
 def markdown(report: dict) -> str:
+    missing = ", ".join(f"{task} {variant} s{seed}" for task, variant, seed in report.get("missing", []))
+    left_out = [f"Runs left out (their weights are not in the work dir): {missing}.", ""] if missing else []
     lines = [
         f"# Mask agreement of the PAD runs of {report['table']}",
         "",
@@ -109,6 +119,7 @@ def markdown(report: dict) -> str:
         "other mask holds; chance: the agreement of independent random masks of the same densities; "
         "weights: lowest - highest agreement of one weight.",
         "",
+        *left_out,
         "| task | compared | a | b | agreement | shared | chance | weights |",
         "|---|---|---|---|---:|---:|---:|---:|",
     ]
@@ -127,11 +138,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results", default=None, help="Result file (default: benchmarks/results/glue_<table>.json)")
     parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "glue_quality"))
     parser.add_argument("--out", default=None, help="Path stem (default: benchmarks/results/glue_<table>_masks)")
+    parser.add_argument("--skip_missing", action="store_true", help="Leave out (and name) runs without weights.")
     args = parser.parse_args(argv)
     name = TABLE_ALIASES[args.table]
     results = Path(args.results or ROOT / "benchmarks" / "results" / f"glue_{name}.json")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"glue_{name}_masks")
-    report = compare(json.loads(results.read_text()), Path(args.work_dir))
+    report = compare(json.loads(results.read_text()), Path(args.work_dir), skip_missing=args.skip_missing)
     report["results"] = relative_path(results)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown(report))

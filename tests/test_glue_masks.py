@@ -87,3 +87,16 @@ def test_a_run_without_weights_is_named(tmp_path):
     result = {"table": "fig4", "runs": [{"task": "stsb", "seed": 42, "variant": "imp", "settings": settings}]}
     with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
         glue_masks.compare(result, tmp_path)
+
+
+def test_skip_missing_compares_the_runs_that_are_there_and_names_the_rest(tmp_path):
+    runs = []
+    for variant, seed in (("imp", 42), ("imp", 43), ("mp", 42)):
+        settings = {"task": "stsb", "seed": seed, "mode": "pad", "partition": variant}
+        if variant == "imp":  # the MP run's weights are not saved
+            save_pad(glue_quality.run_dir(settings, tmp_path), seed=seed)
+        runs.append({"task": "stsb", "seed": seed, "variant": variant, "settings": settings})
+    report = glue_masks.compare({"table": "fig4", "runs": runs}, tmp_path, skip_missing=True)
+    assert report["missing"] == [["stsb", "mp", 42]]
+    assert [(p["a"], p["b"]) for p in report["pairs"]] == [(["imp", 42], ["imp", 43])]
+    assert "Runs left out (their weights are not in the work dir): stsb mp s42." in glue_masks.markdown(report)
