@@ -1,6 +1,7 @@
 """Why does (or doesn't) PAD beat MoE in the GLUE benchmark? Measures on its fine-tuned models.
 
     python benchmarks/glue_analysis.py --runs_dir outputs/glue_quality --data_dir ../shared/data/glue
+    python benchmarks/glue_analysis.py --runs stsb_pad_s42_7c6c200d71 ... --out benchmarks/results/glue_table4_analysis
 
 Reads the models `benchmarks/glue_quality.py` saved (one folder per task/mode/seed; `--delete_models`
 must not have been used) and, for each run, measures against the pretrained dense FFN `W0` it was upcycled from:
@@ -108,6 +109,17 @@ def summarise(rows: list[dict]) -> dict:
     return summary
 
 
+def select_runs(runs_dir: Path, names: list[str] | None = None) -> list[Path]:
+    """The run folders to measure: those named (in that order; an unknown name is an error, not a silent
+    skip), or every folder of `runs_dir` with a `glue_run.json`."""
+    if not names:
+        return [d for d in sorted(runs_dir.iterdir()) if (d / "glue_run.json").is_file()]
+    missing = [n for n in names if not (runs_dir / n / "glue_run.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no finished run named {missing} in {runs_dir} (each needs a glue_run.json)")
+    return [runs_dir / n for n in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs_dir", default=str(ROOT / "outputs" / "glue_quality"))
@@ -118,6 +130,7 @@ def main() -> None:
         "--model_name_or_path", default=None, help="The dense model the runs started from (default: MiniLM)."
     )
     parser.add_argument("--eval_samples", type=int, default=256)
+    parser.add_argument("--runs", nargs="+", default=None, help="Only these run folders of --runs_dir (names).")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue_analysis"))
     args = parser.parse_args()
     if args.model_name_or_path is None:
@@ -127,10 +140,8 @@ def main() -> None:
     w0 = pretrained_ffn(args.model_name_or_path)
 
     results = []
-    for run_dir in sorted(Path(args.runs_dir).iterdir()):
+    for run_dir in select_runs(Path(args.runs_dir), args.runs):
         run_file = run_dir / "glue_run.json"
-        if not run_file.is_file():
-            continue
         if not any(run_dir.glob("*.safetensors")):
             print(f"{run_dir.name}: no saved weights (run with --delete_models?); skipped.", flush=True)
             continue
