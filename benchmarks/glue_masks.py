@@ -79,14 +79,15 @@ def mask_agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[s
     }
 
 
-def compare(result: dict, work_dir: Path, skip_missing: bool = False) -> dict:
+def compare(result: dict, work_dir: Path, skip_missing: bool = False, tasks: list[str] | None = None) -> dict:
     """Pairwise mask agreement of the PAD runs of a `glue_quality.py` result: within each (task, seed) across
     variants, and within each (task, variant) across seeds. `skip_missing`: leave out runs whose weights are
-    not in `work_dir` (runs reused from another machine's report) and name them under `"missing"`."""
+    not in `work_dir` (runs reused from another machine's report) and name them under `"missing"`. `tasks`: only
+    the runs of these tasks (default: all)."""
     masks: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
     missing = []
     for run in result["runs"]:
-        if run["settings"]["mode"] != "pad":
+        if run["settings"]["mode"] != "pad" or (tasks and run["task"] not in tasks):
             continue
         checkpoint = run_dir(run["settings"], work_dir) / "model.safetensors"
         if not checkpoint.is_file():
@@ -106,14 +107,16 @@ def compare(result: dict, work_dir: Path, skip_missing: bool = False) -> dict:
             kind = "variants, one seed" if same_seed else "seeds, one variant"
             pairs.append({"task": ka[0], "kind": kind, "a": [ka[1], ka[2]], "b": [kb[1], kb[2]],
                           **mask_agreement(ma, mb)})  # fmt: skip
-    return {"table": result["table"], "work_dir": relative_path(work_dir), "pairs": pairs, "missing": missing}
+    return {"table": result["table"], "tasks": tasks, "work_dir": relative_path(work_dir), "pairs": pairs,
+            "missing": missing}  # fmt: skip
 
 
 def markdown(report: dict) -> str:
     missing = ", ".join(f"{task} {variant} s{seed}" for task, variant, seed in report.get("missing", []))
     left_out = [f"Runs left out (their weights are not in the work dir): {missing}.", ""] if missing else []
     lines = [
-        f"# Mask agreement of the PAD runs of {report['table']}",
+        f"# Mask agreement of the PAD runs of {report['table']}"
+        + (f" ({', '.join(report['tasks'])})" if report.get("tasks") else ""),
         "",
         "agreement: fraction of entries with the same mode; shared: fraction of the smaller dynamic set that the "
         "other mask holds; chance: the agreement of independent random masks of the same densities; "
@@ -139,11 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "glue_quality"))
     parser.add_argument("--out", default=None, help="Path stem (default: benchmarks/results/glue_<table>_masks)")
     parser.add_argument("--skip_missing", action="store_true", help="Leave out (and name) runs without weights.")
+    parser.add_argument("--tasks", nargs="+", default=None, help="Only the runs of these tasks (default: all).")
     args = parser.parse_args(argv)
     name = TABLE_ALIASES[args.table]
     results = Path(args.results or ROOT / "benchmarks" / "results" / f"glue_{name}.json")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"glue_{name}_masks")
-    report = compare(json.loads(results.read_text()), Path(args.work_dir), skip_missing=args.skip_missing)
+    result = json.loads(results.read_text())
+    report = compare(result, Path(args.work_dir), skip_missing=args.skip_missing, tasks=args.tasks)
     report["results"] = relative_path(results)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown(report))

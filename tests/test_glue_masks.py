@@ -100,3 +100,16 @@ def test_skip_missing_compares_the_runs_that_are_there_and_names_the_rest(tmp_pa
     assert report["missing"] == [["stsb", "mp", 42]]
     assert [(p["a"], p["b"]) for p in report["pairs"]] == [(["imp", 42], ["imp", 43])]
     assert "Runs left out (their weights are not in the work dir): stsb mp s42." in glue_masks.markdown(report)
+
+
+def test_tasks_keeps_only_the_runs_of_those_tasks(tmp_path):
+    runs = []
+    for task in ("rte", "stsb"):
+        for seed in (42, 43):
+            settings = {"task": task, "seed": seed, "mode": "pad", "partition": "mp"}
+            if task == "rte":  # the STS-B runs' weights are not here: with tasks=["rte"] that is no error
+                save_pad(glue_quality.run_dir(settings, tmp_path), seed=seed)
+            runs.append({"task": task, "seed": seed, "variant": "mp", "settings": settings})
+    report = glue_masks.compare({"table": "fig4", "runs": runs}, tmp_path, tasks=["rte"])
+    assert [(p["task"], p["a"], p["b"]) for p in report["pairs"]] == [("rte", ["mp", 42], ["mp", 43])]
+    assert report["missing"] == []
