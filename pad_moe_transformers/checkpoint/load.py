@@ -390,6 +390,13 @@ def validate_pad_tensors(
     check_no_unexpected(unexpected, linears)
 
 
+def public_loader_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """`kwargs` without the loader-private keywords (`_from_auto`, `_from_pipeline`, `_commit_hash`, ...) that an Auto
+    class hands to the class it resolved: re-entering another Auto class with them passes them twice (Transformers
+    5.25 sets `_from_auto` itself), and they describe the outer call, not the inner one."""
+    return {k: v for k, v in kwargs.items() if not k.startswith("_")}
+
+
 def upcycle(cls: type, path, checkpoint_type: str | None, config: Any, model_args: tuple, kwargs: dict[str, Any]):
     """`from_pretrained(dense, config=pad_config)`: load the dense model with its own class, then replace each FFN
     by a PAD-MoE layer whose experts and static weights are copies of it (outputs unchanged)."""
@@ -399,6 +406,10 @@ def upcycle(cls: type, path, checkpoint_type: str | None, config: Any, model_arg
             f"{config.base_model_type!r} config; build the config with "
             f"{type(config).__name__}.from_base({str(path)!r})."
         )
+    # The model owns a copy of the config, as Transformers' `from_pretrained` gives it: the caller's object is left
+    # as it was (a second upcycle from the same config starts from the same, unpartitioned state).
+    config = copy.deepcopy(config)
+    kwargs = public_loader_kwargs(kwargs)
     config.sync_base_config()
     if "experts_implementation" in kwargs:  # for the PAD model built below, as Transformers' loader would set it
         # (the internal attribute: the public setter would pass it on to the family config, whose model has no experts)
