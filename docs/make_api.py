@@ -47,6 +47,10 @@ MODULES = [
         "pad_moe_transformers.analysis",
         "Dynamic-property measures ([concepts.md](concepts.md#dynamic-property-paper-figure-6)).",
     ),
+    (
+        "pad_moe_transformers.export",
+        "Frozen eq. 4 weights for traced graphs, ONNX export checked in ONNX Runtime ([deploy.md](deploy.md)).",
+    ),
     ("pad_moe_transformers.cli", "The `pad-moe` command line ([cli.md](cli.md))."),
 ]
 

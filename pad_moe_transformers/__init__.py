@@ -16,6 +16,8 @@ from typing import Any
 
 from transformers import AutoConfig
 
+# First: refuses a Transformers release outside the tested window, naming it, before anything else fails obscurely.
+from ._compat import TRANSFORMERS_WINDOW, UnsupportedTransformersError
 from ._version import __version__
 from .architectures import PAD_FFN_LAYOUTS, FFNLayout
 from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
@@ -76,6 +78,8 @@ _LAZY = {
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
+    "TRANSFORMERS_WINDOW",
+    "UnsupportedTransformersError",
     "PAD_DYCONV_MODEL_CLASSES",
     "PAD_DYCONV_STEMS",
     "PAD_FFN_LAYOUTS",

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
+from ._compat import ExportableState
 from .partition import (
     DEFAULT_NUM_BATCHES,
     DEFAULT_ROUNDS,

@@ -7,15 +7,13 @@ partially dynamic Mixture-of-Experts layers (PAD-Net, He et al. 2023, eq. 4).
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
+from ._compat import SubConfigSpec, own_config_fields
 from .architectures import PAD_FFN_LAYOUTS
-from .configuration_common import PADConfigMixin
+from .configuration_common import NumberField, PADConfigMixin
 from .core.scale_factors import SCALE_FACTOR_MODES
 
 PARTITION_GRANULARITIES = ("element", "neuron")
@@ -58,6 +56,20 @@ class PADMoEConfig(PADConfigMixin, PreTrainedConfig):
             `None` while the model is fully dynamic. Written by the partition code, not by users.
         output_router_logits (`bool`, defaults to `False`):
             Return the per-layer router logits in the model outputs.
+
+    Numbers: numeric fields (and the items of `moe_layers`) are stored as plain Python numbers: a numpy scalar, a
+    0-d numpy array or a 0-d torch tensor is converted when set (at construction and on assignment), so the config
+    saves as JSON. Assigning a PAD field after construction validates it; an invalid value raises a `ValueError`
+    and the field keeps its old value.
+
+    Task head: this config owns `num_labels`, `id2label`, `label2id` and `problem_type`; the head is built from
+    `base_config`, which gets them from here. Given to the constructor (or `from_base`), they win over the base
+    config's (a warning names a different value it had); not given, they are taken from the base config. Setting
+    one later on this config (`config.num_labels = 3`, `from_pretrained(..., num_labels=3)`) writes it through to
+    `base_config`. Do not set them on `config.base_config`: `sync_base_config` (run when a model is built, a
+    config loaded or saved) raises a `ValueError` naming both values. One exception: `problem_type=None` here
+    means "inferred", and the family head sets it on `base_config` at its first forward with labels; that value
+    is taken over.
     """
 
     model_type = "pad_moe"
@@ -85,10 +97,21 @@ class PADMoEConfig(PADConfigMixin, PreTrainedConfig):
     partition: dict | None = None
     output_router_logits: bool = False
 
+    number_fields: ClassVar[dict[str, NumberField]] = {
+        "num_experts": NumberField(integer=True, low=1),
+        "num_experts_per_tok": NumberField(integer=True, low=1),  # and <= num_experts: `validate_pad_fields`
+        "dynamic_ratio": NumberField(low=0, high=1, open_low=True),
+        "router_aux_loss_coef": NumberField(low=0),
+        "router_z_loss_coef": NumberField(low=0),
+        "router_jitter_noise": NumberField(low=0, high=1, open_high=True),
+    }
+    number_list_fields: ClassVar[tuple[str, ...]] = ("moe_layers",)
+
     def __post_init__(self, **kwargs):
+        given = self._given_head_fields(self, kwargs)
         super().__post_init__(**kwargs)
         self.validate_pad_fields()
-        self._sync_head_fields()
+        self._sync_head_fields(given)
 
     def validate_pad_fields(self) -> None:
         """Raise a `ValueError` naming the field and the allowed values for any invalid PAD field."""
@@ -98,29 +121,16 @@ class PADMoEConfig(PADConfigMixin, PreTrainedConfig):
                 f"base_config.model_type={base_type!r} has no PAD-MoE FFN mapping; supported model types: "
                 f"{sorted(PAD_FFN_LAYOUTS)}."
             )
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}.")
-        k = self.num_experts_per_tok
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
+        super().validate_pad_fields()
+        if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
-                f"num_experts_per_tok must be an integer in [1, num_experts={self.num_experts}], got {k!r}."
+                f"num_experts_per_tok must be an integer in [1, num_experts={self.num_experts}], "
+                f"got {self.num_experts_per_tok!r}."
             )
-        for name in ("dynamic_ratio", "router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
-            value = getattr(self, name)
-            # bool is an int subclass and str/None would fail deep inside float(): name the field instead.
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite real number, got {value!r}.")
-        if not 0.0 < float(self.dynamic_ratio) <= 1.0:
-            raise ValueError(f"dynamic_ratio must be in (0, 1], got {self.dynamic_ratio!r}.")
         if self.scale_factor_mode not in SCALE_FACTOR_MODES:
             raise ValueError(
                 f"scale_factor_mode must be one of {list(SCALE_FACTOR_MODES)}, got {self.scale_factor_mode!r}."
             )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise"):
-            if float(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
-        if float(self.router_jitter_noise) >= 1:
-            raise ValueError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise!r}.")
         if self.partition_granularity not in PARTITION_GRANULARITIES:
             raise ValueError(
                 f"partition_granularity must be one of {list(PARTITION_GRANULARITIES)}, "
@@ -174,7 +184,7 @@ class PADMoEConfig(PADConfigMixin, PreTrainedConfig):
                 f"{pretrained_model_name_or_path!r} is already a PAD-MoE checkpoint; load it with "
                 "`AutoModel*.from_pretrained` directly instead of `PADMoEConfig.from_base`."
             )
-        pad_fields = {f for f in cls.__dataclass_fields__ if f not in PreTrainedConfig.__dataclass_fields__}
+        pad_fields = set(own_config_fields(cls))
         pad_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in pad_fields}
         cls._route_to_base(base, kwargs)
         config = cls(

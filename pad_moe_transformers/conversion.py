@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from ._compat import mark_initialized
 from .architectures import get_layout, get_submodule_parent, iter_layers
 from .configuration_pad_moe import PADMoEConfig
 from .moe import PADMoEFeedForward
@@ -78,7 +79,7 @@ def convert_ffn_to_pad_moe(base_model: nn.Module, config: PADMoEConfig) -> list[
         # there are no copies: the tensors stay unmarked, so the loader sees them as missing until loaded.
         if fc_in.weight.device.type != "meta":
             for tensor in list(moe.parameters()) + list(moe.buffers()):
-                tensor._is_hf_initialized = True
+                mark_initialized(tensor)
         setattr(in_parent, in_name, moe)
         setattr(act_parent, act_name, nn.Identity())
         setattr(out_parent, out_name, nn.Identity())

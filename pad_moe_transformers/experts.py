@@ -16,7 +16,10 @@ same functions:
 - ``"batched_mm"``: gathers one weight matrix per token slot (memory `N * k * I * H`): for a few tokens (decoding
   sized batches), not for training.
 - ``"eager"``: the reference, `eager_experts_forward` below: one pair of linears per expert that received tokens
-  (the per-expert token counts are read on the host).
+  (the per-expert token counts are read on the host). While a graph is traced (`torch.compile`, `torch.export`,
+  `torch.onnx.export(..., dynamo=True)`) it takes `indexed_experts_forward` instead: the same per-expert linears,
+  with each expert's tokens found by `nonzero`, whose length the tracers keep symbolic (no host read), so the
+  default backend on the CPU traces as one graph, with dynamic batch and sequence length, and exports to ONNX.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from ._compat import ALL_EXPERTS_FUNCTIONS
 
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 """The backends tested with PAD layers (any other registered in Transformers' `ExpertsInterface` is passed on)."""
@@ -91,8 +95,11 @@ def eager_experts_forward(
     """Reference: `hidden_states` `(N, H)`, `top_k_index`/`top_k_weights` `(N, k)` -> `(N, H)`.
 
     Token slots are sorted by expert and each expert that received tokens runs one pair of linears on its
-    contiguous block; the per-expert counts are read on the host (`tolist`), the one synchronisation.
+    contiguous block; the per-expert counts are read on the host (`tolist`), the one synchronisation. A tracer
+    cannot read them (`GuardOnDataDependentSymNode`): while tracing, `indexed_experts_forward` runs instead.
     """
+    if torch.compiler.is_compiling():
+        return indexed_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
     num_tokens, k = top_k_index.shape
     flat_experts = top_k_index.reshape(-1)  # (N*k,)
     order = torch.argsort(flat_experts, stable=True)
@@ -119,6 +126,33 @@ def eager_experts_forward(
     y_sorted = torch.cat(outputs) * gate_of_slot.unsqueeze(-1)
     y = hidden_states.new_zeros(num_tokens, y_sorted.shape[-1], dtype=y_sorted.dtype)
     return y.index_add_(0, token_of_slot, y_sorted).to(hidden_states.dtype)
+
+
+def indexed_experts_forward(
+    experts: ExpertWeights, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """The eager experts without a host read, for traced graphs: same arguments and result.
+
+    For each expert, `nonzero` finds its `(token, slot)` pairs; the tokens are gathered, run through the expert's
+    two linears and added back, gate-weighted. Only the selected experts' matmuls run, as in eager mode; the
+    number of tokens per expert is a data-dependent size, which torch.compile and torch.export trace as an
+    unbacked symbol and ONNX as a dynamic dimension (`NonZero`), so the graph holds for any batch and length.
+    One `nonzero` per expert is a host synchronisation on a GPU: there grouped_mm is the traceable backend.
+    """
+    up, down = experts.up_proj.unbind(0), experts.down_proj.unbind(0)
+    up_bias = None if experts.up_proj_bias is None else experts.up_proj_bias.unbind(0)
+    down_bias = None if experts.down_proj_bias is None else experts.down_proj_bias.unbind(0)
+    # Accumulate in the dtype eager's gate product has (fp32 gates: fp32 for fp32 / bf16 / fp16 models).
+    accumulate = torch.promote_types(hidden_states.dtype, top_k_weights.dtype)
+    y = hidden_states.new_zeros(hidden_states.shape[0], experts.down_proj.shape[1], dtype=accumulate)
+    for expert in range(experts.num_experts):
+        token, slot = torch.where(top_k_index == expert)
+        h = experts.act_fn(
+            nn.functional.linear(hidden_states[token], up[expert], None if up_bias is None else up_bias[expert])
+        )
+        out = nn.functional.linear(h, down[expert], None if down_bias is None else down_bias[expert])
+        y = y.index_add(0, token, out * top_k_weights[token, slot].unsqueeze(-1))
+    return y.to(hidden_states.dtype)
 
 
 def _grouped_mm_supported(experts: ExpertWeights) -> bool:

@@ -47,8 +47,8 @@ _EVAL_FILES = ("eval_results.json", "all_results.json")
 
 def guess_base_model(model: Any) -> str | None:
     """The hub id of the dense model the PAD model was upcycled from, when the config knows it
-    (`base_config._name_or_path` is a hub id, not a local directory); else `None`."""
-    name = getattr(model.config.base_config, "_name_or_path", None) or ""
+    (`base_config.name_or_path` is a hub id, not a local directory); else `None`."""
+    name = getattr(model.config.base_config, "name_or_path", None) or ""
     name = str(name)
     if not name or os.path.exists(name) or not _REPO_ID.match(name) or name.count("/") != 1:
         return None

@@ -29,6 +29,7 @@ from transformers import initialization as init
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, logging
 
+from ._compat import set_own_experts_implementation
 from .architectures import PAD_FFN_LAYOUTS, get_layout, iter_layers
 from .checkpoint.hub import push_pad_to_hub
 from .checkpoint.load import initialize_pad_weight, pad_from_pretrained
@@ -78,7 +79,7 @@ class PADMoEPreTrainedModel(PreTrainedModel):
         config.sync_base_config()
         # The experts backend belongs to the PAD layers. Transformers' config setter also hands it to the family config,
         # whose model has no experts and refuses an explicit grouped_mm: the family model keeps its own default.
-        config.base_config._experts_implementation_internal = None
+        set_own_experts_implementation(config.base_config, None)
         if base_model is None:
             base_model = self._auto_class_for_head.from_config(config.base_config)
         self.model = base_model
@@ -206,14 +207,19 @@ class PADMoEPreTrainedModel(PreTrainedModel):
                 if problem is not None:
                     raise ValueError(problem) from error
                 raise
-        aux_loss, z_loss = self._router_losses(records, attention_mask)
         loss = outputs.get("loss")
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        # As Mixtral: the router losses only when a loss is computed (labels given) or router outputs are asked
+        # for. Returned by default they would be 0-d fields in every output, which pipelines cannot split per
+        # item (batch_size > 1) and which Trainer.predict would have to skip.
+        aux_loss, z_loss = self._router_losses(
+            records, attention_mask, with_losses=loss is not None or bool(output_router_logits)
+        )
         if loss is not None:
             loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.dtype)
             if self.config.router_z_loss_coef > 0:
                 loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.dtype)
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
         fields = dict(outputs.items())
         if loss is not None:
             fields["loss"] = loss
@@ -227,8 +233,11 @@ class PADMoEPreTrainedModel(PreTrainedModel):
             return_dict = getattr(self.config, "return_dict", True)
         return result if return_dict else result.to_tuple()
 
-    def _router_losses(self, records: list[RoutingRecord], attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Mean load-balancing and z-loss over the MoE layer calls, on the real tokens; also counts expert usage.
+    def _router_losses(
+        self, records: list[RoutingRecord], attention_mask: Tensor | None, with_losses: bool = True
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Mean load-balancing and z-loss over the MoE layer calls, on the real tokens (`(None, None)` with
+        `with_losses=False`); counts expert usage in either case.
 
         Padding is left out by weighting tokens with the attention mask (not by indexing the real tokens out):
         no data-dependent shapes, so the forward stays free of host synchronisation and compiles as one graph.
@@ -238,12 +247,17 @@ class PADMoEPreTrainedModel(PreTrainedModel):
         aux, z = [], []
         for record in records:
             decision = record.decision
-            aux.append(load_balancing_loss(decision.probs, decision.experts, self.config.num_experts, token_weights))
-            z.append(router_z_loss(decision.logits, token_weights))
+            if with_losses:
+                aux.append(
+                    load_balancing_loss(decision.probs, decision.experts, self.config.num_experts, token_weights)
+                )
+                z.append(router_z_loss(decision.logits, token_weights))
             with torch.no_grad():
                 self.expert_counts[layer_index[id(record.layer)]] += expert_counts(
                     decision.experts, self.config.num_experts, token_weights
                 ).to(self.expert_counts.device)
+        if not with_losses:
+            return None, None
         return torch.stack(aux).mean(), torch.stack(z).mean()
 
     def _label_classes(self) -> int | None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
+from ._compat import get_experts_implementation
 from .core.inference import inference_value
 from .experts import ExpertWeights, run_experts
 from .pad_linear import PADExpertLinear
@@ -88,7 +89,7 @@ class PADMoEFeedForward(nn.Module):
     def experts_implementation(self) -> str:
         """The experts backend (`experts.py`): the model config's `_experts_implementation`, set by
         `from_pretrained(..., experts_implementation=...)` / `set_experts_implementation`; eager standalone."""
-        return getattr(self.config, "_experts_implementation", None) or "eager"
+        return get_experts_implementation(self.config) or "eager"
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """`(..., H)` -> `(..., H)`; the routing decision goes to the active routing record."""
@@ -134,14 +135,20 @@ class PADMoEFeedForward(nn.Module):
             self.fc_in.mask.copy_(neurons.unsqueeze(1).expand_as(self.fc_in.mask))
             self.fc_out.mask.copy_(neurons.unsqueeze(0).expand_as(self.fc_out.mask))
 
-    def _neuron_weights(self) -> dict[str, Tensor | None]:
+    def _neuron_weights(self) -> dict[str, Tensor | None] | None:
         """Eq. 4 on the neuron slices: the static neurons' rows/columns once, the dynamic ones per expert.
 
         `neuron_mask()` has checked that the mask is all True on a dynamic neuron's slices and all False on a static
         one's, where eq. 4 reduces to ``l_d * W_k`` and ``l_s * W_static``: that is what is formed here (the
         `pad_merge` of such a slice, without its passes over the mask; `tests/test_neuron_pad.py` checks the two
         forms agree, gradients included).
+
+        None while a graph is traced: which neurons are dynamic is data (the mask buffer), so the check and the
+        slice sizes would be data-dependent; the traced layer takes the element form instead (same values).
+        `pad_moe_transformers.export.frozen_pad_weights` gives a traced graph these slices as constants.
         """
+        if torch.compiler.is_compiling():
+            return None
         dynamic = self.neuron_mask()
         dyn, sta = dynamic.nonzero(as_tuple=True)[0], (~dynamic).nonzero(as_tuple=True)[0]
         fc_in, fc_out = self.fc_in, self.fc_out
@@ -161,6 +168,11 @@ class PADMoEFeedForward(nn.Module):
         per token (weighted by the sum of the selected gates, which is 1); only the dynamic neurons
         are computed per expert, as smaller dense matmuls."""
         w = inference_value(self, self._neuron_weights)  # inside `merged_pad_weights()` formed once per block
+        if w is None:
+            # Traced without constant slices: the element form. A static neuron's eq. 4 rows are the same in every
+            # expert (`l_s * W_static`, the static bias), so its gate-weighted sum over the selected experts is
+            # the neuron form's single term (the gates sum to 1); it costs the static neurons' per-expert matmuls.
+            return run_experts(self.experts_implementation, self.expert_weights(), x, experts, gates)
         dynamic = ExpertWeights(
             w["expert_in"], w["expert_out"], w["expert_in_bias"], self.fc_out.effective_bias(), self.activation
         )

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
-from transformers.utils.output_capturing import CompileableContextVar
 
+from ._compat import CompileableContextVar
 from .router import RoutingDecision
 
 _active_record = CompileableContextVar("pad_moe_routing_record")

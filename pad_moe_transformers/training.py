@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from ._compat import decay_parameter_names
 from .core import named_pad_linears
 from .pad_linear import SCALE_FACTOR_NAMES
 from .router import TopKRouter
@@ -61,7 +62,7 @@ def pad_optimizer_grouped_parameters(
         raise ValueError(f"router_learning_rate must be > 0 (or None for the default lr), got {router_learning_rate}.")
     if scale_learning_rate is not None and scale_learning_rate <= 0:
         raise ValueError(f"scale_learning_rate must be > 0 (or None for the default lr), got {scale_learning_rate}.")
-    decay_names = set(Trainer.get_decay_parameter_names(None, model))  # does not use `self`
+    decay_names = set(decay_parameter_names(model))
     scale_ids, router_ids = _scale_and_router_parameters(model)
     groups: dict[str, dict[str, Any]] = {
         "decay": {"params": [], "weight_decay": weight_decay},

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .. import _compat
 from ..core.compact import pack_mask, packed_mask_bytes, popcount, unpack_mask  # noqa: F401
 from ..core.pad_weight import PADWeight
 from ..core.registry import named_pad_linears
@@ -85,7 +86,7 @@ def linear_shape(linear: PADWeight) -> list[int]:
 
 def tied_weight_keys(model: nn.Module) -> set[str]:
     """State-dict names of the weights tied to another (stored once, re-tied on load)."""
-    return set(getattr(model, "all_tied_weights_keys", {}) or {})
+    return _compat.tied_weight_keys(model)
 
 
 def pad_config_fingerprint(model: nn.Module) -> dict[str, Any]:

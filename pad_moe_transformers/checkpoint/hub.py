@@ -13,9 +13,15 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from huggingface_hub import CommitInfo, CommitOperationAdd
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError
-from transformers.utils.hub import hf_api
+
+from .._version import __version__
+
+
+def hf_api() -> HfApi:
+    """An `HfApi` tagged with this library (what the Hub sees as the client)."""
+    return HfApi(library_name="pad_moe_transformers", library_version=__version__)
 
 
 def create_repo(repo_id: str, **kwargs: Any) -> str:

@@ -26,14 +26,19 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
-from transformers import AutoModel, PreTrainedConfig
+from transformers import MODEL_MAPPING, AutoModel, PreTrainedConfig
 from transformers import initialization as init
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import ConversionOps, WeightConverter
-from transformers.utils import cached_file
 
+from .._compat import (
+    ConversionOps,
+    WeightConverter,
+    register_checkpoint_conversion_mapping,
+    set_own_experts_implementation,
+)
 from ..core.compact import decode_compact, encode_compact
 from ..core.pad_weight import PADWeight, static_from_experts
 from ..core.scale_factors import SCALE_FACTOR_INIT, SCALE_FACTOR_NAMES
@@ -162,16 +167,50 @@ def check_pad_model_type(cls: type, path: Any, checkpoint_type: str | None) -> N
 
 
 # --------------------------------------------------------------------------------------------- reading
+def fetch_checkpoint_file(
+    path: str,
+    filename: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    **ignored: Any,
+) -> str | None:
+    """The local path of `filename` in the checkpoint directory or hub repo `path` (downloaded and cached by
+    `huggingface_hub`), or None when the checkpoint has no such file. `ignored`: download options
+    `huggingface_hub` no longer takes (`proxies`: set `HTTP(S)_PROXY`)."""
+    if os.path.isdir(path):
+        local = os.path.join(path, subfolder or "", filename)
+        return local if os.path.isfile(local) else None
+    try:
+        return hf_hub_download(
+            path,
+            filename,
+            subfolder=subfolder or None,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            library_name="pad_moe_transformers",
+        )
+    except EntryNotFoundError:
+        return None
+
+
 def resolve_checkpoint_files(
     path: str | os.PathLike, *, variant: str | None = None, download_kwargs: Mapping[str, Any] | None = None
 ) -> tuple[list[str], dict | None]:
     """Local paths of the safetensors files of a checkpoint directory or hub repo (downloaded and
-    cached through `transformers.utils.cached_file`), and the parsed shard index if sharded."""
+    cached through `huggingface_hub.hf_hub_download`), and the parsed shard index if sharded."""
     download_kwargs = {k: v for k, v in (download_kwargs or {}).items() if v is not None}
     path = os.fspath(path)
 
     def fetch(filename: str) -> str | None:
-        return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **download_kwargs)
+        return fetch_checkpoint_file(path, filename, **download_kwargs)
 
     single = fetch(add_variant(WEIGHTS_NAME, variant))
     if single is not None:
@@ -260,10 +299,11 @@ def read_checkpoint_metadata(files: list[str], index: dict | None = None) -> dic
 
 
 # --------------------------------------------------------------------------------------------- loading
-# `from_pretrained` keyword arguments that Transformers' loader consumes itself, before the config sees the rest.
+# `from_pretrained` keyword arguments that Transformers' loader consumes itself, before the config sees the rest
+# (and every keyword starting with "_": the loader-private ones an Auto class passes, `_from_auto` &c.).
 _LOADER_KWARGS = (
     "dtype", "torch_dtype", "device_map", "max_memory", "offload_folder", "offload_buffers", "output_loading_info",
-    "attn_implementation", "experts_implementation", "_from_auto", "_from_pipeline", "tqdm_class",
+    "attn_implementation", "experts_implementation", "tqdm_class",
     "ignore_mismatched_sizes", "weights_only", "low_cpu_mem_usage", "trust_remote_code", "key_mapping",
     "adapter_kwargs", "adapter_name", "distributed_config", "device_mesh", "tp_plan", "tp_size", "use_kernels",
     "kernel_config", "allow_all_kernels", "generation_config", "variant", "use_safetensors", "state_dict",
@@ -279,9 +319,9 @@ def _cross_head_key_mapping(cls: type, checkpoint_config: Mapping[str, Any], con
     """Key renaming between a checkpoint of the base model (`model.embeddings...`) and a head class
     (`model.bert.embeddings...`), in either direction, as Transformers does one level up for plain models."""
     architectures = checkpoint_config.get("architectures") or []
-    base_class = AutoModel._model_mapping.get(cls.config_class, None)  # the PAD base-model class of this config
+    base_class = MODEL_MAPPING.get(cls.config_class, None)  # the PAD base-model class of this config
     saved_base = base_class is not None and base_class.__name__ in architectures
-    family_prefix = AutoModel._model_mapping[type(config.base_config)].base_model_prefix
+    family_prefix = MODEL_MAPPING[type(config.base_config)].base_model_prefix
     if _is_base(cls) and not saved_base:
         return {rf"^model\.{family_prefix}\.": "model."}
     if not _is_base(cls) and saved_base:
@@ -312,7 +352,7 @@ def load_pad_checkpoint(
     if config is None:
         # Config overrides (`num_labels=5`, `hidden_dropout_prob=0.3`) are applied here, as Transformers does
         # (the config is needed before loading, to validate the tensors); loader options are not config fields.
-        loader_kwargs = {k: kwargs.pop(k) for k in _LOADER_KWARGS if k in kwargs}
+        loader_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _LOADER_KWARGS or k.startswith("_")}
         config, kwargs = cls.config_class.from_pretrained(path, return_unused_kwargs=True, **kwargs)
         kwargs.update(download_kwargs, **loader_kwargs)
     mapping = _cross_head_key_mapping(cls, checkpoint_config, config)
@@ -412,8 +452,8 @@ def upcycle(cls: type, path, checkpoint_type: str | None, config: Any, model_arg
     kwargs = public_loader_kwargs(kwargs)
     config.sync_base_config()
     if "experts_implementation" in kwargs:  # for the PAD model built below, as Transformers' loader would set it
-        # (the internal attribute: the public setter would pass it on to the family config, whose model has no experts)
-        config._experts_implementation_internal = kwargs.pop("experts_implementation")
+        # (on the PAD config alone: the public setter would pass it on to the family config, whose model has no experts)
+        set_own_experts_implementation(config, kwargs.pop("experts_implementation"))
     want_info = kwargs.get("output_loading_info", False)
     loaded = cls._auto_class_for_head.from_pretrained(path, *model_args, config=config.base_config, **kwargs)
     dense, info = loaded if want_info else (loaded, None)

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.utils.hub import convert_file_size_to_int
 
+from .._compat import has_peft_adapter
 from ..modelcard import has_foreign_readme, load_eval_results, write_model_card
 from ..partition.metadata import verify_partition_metadata
 from .codec import compact_state_dict
@@ -311,7 +312,7 @@ def pad_save_pretrained(
     Transformers' own writer (`base_save_pretrained`), without the model-card options."""
     if (
         kwargs.get("distributed_checkpoint")
-        or getattr(model, "_hf_peft_config_loaded", False)
+        or has_peft_adapter(model)
         or getattr(model, "hf_quantizer", None)
     ):
         for key in _CARD_KWARGS:

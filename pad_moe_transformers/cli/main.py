@@ -52,21 +52,21 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `pad-moe` parser with its `convert`, `inspect` and `analyze` subcommands."""
+    """The `pad-moe` parser with its `convert`, `inspect`, `analyze` and `export` subcommands."""
     from .._version import __version__
-    from . import analyze, convert, inspect
+    from . import analyze, convert, export, inspect
 
     parser = argparse.ArgumentParser(
         prog="pad-moe",
         description="PAD-MoE (partially dynamic Mixture-of-Experts, PAD-Net) tools for BERT-family checkpoints: "
-        "convert a dense checkpoint, inspect a PAD-MoE checkpoint, analyze dynamic properties. "
+        "convert a dense checkpoint, inspect a PAD-MoE checkpoint, analyze dynamic properties, export to ONNX. "
         "`pad-moe COMMAND --help` describes each command; docs/cli.md has examples.",
         epilog="exit codes: 0 ok, 2 bad input, 1 a library call failed.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     common = _common_options()
-    for module in (convert, inspect, analyze):
+    for module in (convert, inspect, analyze, export):
         module.add_parser(subparsers, parents=[common])
     return parser
 

@@ -27,6 +27,11 @@ class _MergedPADWeights(torch.autograd.Function):
     def forward(ctx, dynamic: Tensor, static: Tensor, mask: Tensor, l_s: Tensor, l_d: Tensor) -> Tensor:
         static_term = torch.where(mask, 0.0, static * l_s)
         ctx.save_for_backward(dynamic, static, mask, l_s, l_d)
+        if torch.compiler.is_compiling():
+            # A traced graph (torch.compile, torch.export) records these ops and an exported program replays them
+            # under autograd, which refuses `out=` writes into a tensor that requires grad; one broadcast `where`
+            # is the same values (the compiler fuses it, so the cache-sized loop buys nothing there).
+            return torch.where(mask, dynamic * l_d, static_term)
         merged = torch.empty_like(dynamic)
         for k in range(dynamic.shape[0]):  # one dynamic weight at a time: temporaries stay cache-sized
             torch.where(mask, dynamic[k] * l_d, static_term, out=merged[k])

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
-from transformers.utils.output_capturing import CompileableContextVar
+
+from .._compat import CompileableContextVar
 
 T = TypeVar("T")
 

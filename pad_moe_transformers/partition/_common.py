@@ -108,8 +108,8 @@ def task_loss(model: nn.Module, batch: Batch, *, index: int = 0) -> Tensor:
     """The task loss of one batch (the model loss without the router auxiliary terms), a 0-d tensor.
 
     The router losses do not belong to eq. 5 (the paper's L is the task loss), so their weighted
-    values are subtracted again (when the output has them: a PAD vision model returns the task loss
-    alone). Raises a `ValueError` for a non-finite loss.
+    values are subtracted again (a PAD-MoE output carries them whenever it has a loss, i.e. with labels;
+    a PAD vision model returns the task loss alone). Raises a `ValueError` for a non-finite loss.
     """
     device = next(model.parameters()).device
     out = model(**{"return_dict": True, **to_device(batch, device)})

@@ -13,6 +13,8 @@ Batch = Mapping[str, Any]
 """One mini-batch as the model's forward takes it (`input_ids`, `attention_mask`, `labels`, ...)."""
 
 _LABEL_KEYS = ("labels", "start_positions")
+IGNORE_INDEX = -100
+"""The label the families' cross-entropy losses skip (PyTorch's `ignore_index` default)."""
 
 ZERO_BATCHES_MESSAGE = (
     "Mode partition got zero batches. Pass at least one labelled mini-batch of training data "
@@ -80,13 +82,48 @@ def check_batches(batches: Iterable[Batch]) -> list[Batch]:
                 "of the task loss, so every batch needs 'labels' (or 'start_positions'/'end_positions' for QA); "
                 "make sure the dataset keeps its label column."
             )
+        empty = [key for key, value in batch.items() if isinstance(value, Tensor) and value.dim() and not len(value)]
+        if empty:
+            raise ValueError(
+                f"Partition batch {index} is empty ({empty[0]} has shape {tuple(batch[empty[0]].shape)}): a batch of "
+                "no examples carries no information for the scores (its mean task loss is 0/0). Drop empty batches, "
+                "e.g. with DataLoader(..., drop_last=True) or by filtering the dataset."
+            )
         attention_mask = batch.get("attention_mask")
         if isinstance(attention_mask, Tensor) and attention_mask.numel() and not bool(attention_mask.any()):
             raise ValueError(
                 f"Partition batch {index} is all padding (its attention_mask is all 0): it holds no real token, so "
                 "it carries no score. Check the collator / tokenizer output, or drop empty examples."
             )
+    _check_labelled(batches)
     return batches
+
+
+def _check_labelled(batches: list[Batch]) -> None:
+    """Refuse batches whose class labels are all the ignore index: the families' cross-entropy averages over the
+    labelled positions, so such a batch has a 0/0 (NaN) task loss, which would otherwise surface as a non-finite
+    loss blamed on an overflow."""
+    unlabelled = []
+    for index, batch in enumerate(batches):
+        labels = batch.get("labels")
+        if isinstance(labels, Tensor) and not labels.is_floating_point() and not bool((labels != IGNORE_INDEX).any()):
+            unlabelled.append(index)
+    if not unlabelled:
+        return
+    advice = (
+        "Pass batches with labelled positions: for token classification, check that the label alignment labels "
+        "the first sub-token of each word; for masked language modelling, that the collator masks tokens "
+        "(mlm_probability > 0); otherwise, that the dataset's label column is not all -100."
+    )
+    if len(unlabelled) == len(batches):
+        raise ValueError(
+            f"No partition batch has a single labelled token: every label is {IGNORE_INDEX} (the ignore index) in "
+            f"all {len(batches)} batches, so the task loss is 0/0 and the scores are undefined. {advice}"
+        )
+    raise ValueError(
+        f"Partition batches {unlabelled} have no labelled token (every label is {IGNORE_INDEX}, the ignore index): "
+        f"their task loss is 0/0 (NaN). Drop them from the partition batches. {advice}"
+    )
 
 
 def to_device(batch: Batch, device: torch.device) -> dict[str, Any]:

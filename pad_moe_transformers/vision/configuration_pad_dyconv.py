@@ -6,14 +6,12 @@ except the stem into a `PADDynamicConv2d` (PAD-Net with DY-Conv as the dynamic f
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
-from ..configuration_common import PADConfigMixin
+from .._compat import SubConfigSpec
+from ..configuration_common import NumberField, PADConfigMixin
 from ..core.scale_factors import SCALE_FACTOR_MODES
 
 PAD_DYCONV_STEMS: dict[str, tuple[str, ...]] = {
@@ -55,6 +53,11 @@ class PADDyConvConfig(PADConfigMixin, PreTrainedConfig):
         partition (`dict`, *optional*):
             Metadata of the mode partition that produced the masks; `None` while fully dynamic. Written by the
             partition code, not by users.
+
+    Numbers and task head follow the rules of [`PADMoEConfig`]: numeric fields are stored as plain Python numbers
+    (numpy scalars, 0-d arrays and 0-d tensors are converted when set) and validated on assignment; this config
+    owns `num_labels` / `id2label` / `label2id` / `problem_type` and writes them through to `base_config`, whose
+    head fields must not be set directly (`sync_base_config` raises a `ValueError` naming both values).
     """
 
     model_type = "pad_dyconv"
@@ -72,10 +75,20 @@ class PADDyConvConfig(PADConfigMixin, PreTrainedConfig):
     partition_granularity: str = "element"
     partition: dict | None = None
 
+    number_fields: ClassVar[dict[str, NumberField]] = {
+        "num_kernels": NumberField(integer=True, low=1),
+        "dynamic_ratio": NumberField(low=0, high=1, open_low=True, note=" (1.0 = fully dynamic DY-Conv)"),
+        "attention_reduction": NumberField(integer=True, low=1),
+        "temperature_init": NumberField(low=0, open_low=True),
+        "temperature_final": NumberField(low=0, open_low=True),
+        "temperature_epochs": NumberField(low=0),
+    }
+
     def __post_init__(self, **kwargs):
+        given = self._given_head_fields(self, kwargs)
         super().__post_init__(**kwargs)
         self.validate_pad_fields()
-        self._sync_head_fields()
+        self._sync_head_fields(given)
 
     def validate_pad_fields(self) -> None:
         """Raise a `ValueError` naming the field and the allowed values for any invalid PAD field."""
@@ -85,23 +98,7 @@ class PADDyConvConfig(PADConfigMixin, PreTrainedConfig):
                 f"base_config.model_type={base_type!r} has no PAD dynamic-convolution mapping; supported model "
                 f"types: {sorted(PAD_DYCONV_STEMS)}."
             )
-        for name in ("num_kernels", "attention_reduction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        for name in ("dynamic_ratio", "temperature_init", "temperature_final", "temperature_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite real number, got {value!r}.")
-        if not 0.0 < float(self.dynamic_ratio) <= 1.0:
-            raise ValueError(
-                f"dynamic_ratio must be in (0, 1] (1.0 = fully dynamic DY-Conv), got {self.dynamic_ratio!r}."
-            )
-        for name in ("temperature_init", "temperature_final"):
-            if float(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
-        if float(self.temperature_epochs) < 0:
-            raise ValueError(f"temperature_epochs must be >= 0, got {self.temperature_epochs!r}.")
+        super().validate_pad_fields()
         if self.scale_factor_mode not in SCALE_FACTOR_MODES:
             raise ValueError(
                 f"scale_factor_mode must be one of {list(SCALE_FACTOR_MODES)}, got {self.scale_factor_mode!r}."

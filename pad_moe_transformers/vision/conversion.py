@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._compat import mark_initialized
 from .configuration_pad_dyconv import PAD_DYCONV_STEMS, PADDyConvConfig
 from .dynamic_conv import PADDynamicConv2d
 
@@ -60,7 +61,7 @@ def convert_convs_to_pad_dyconv(
         # On the meta device (a model built to be loaded into) nothing is flagged: the loader fills it.
         if keep_weights and conv.weight.device.type != "meta":
             for tensor in list(layer.parameters(recurse=False)) + [layer.mask]:
-                tensor._is_hf_initialized = True
+                mark_initialized(tensor)
         setattr(parent, child, layer)
         layers.append(layer)
     return layers

@@ -18,6 +18,8 @@ dimension (``x -> (1, B*C, H, W)``, ``groups = B*groups``), so there is no per-s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -132,6 +134,28 @@ class PADDynamicConv2d(PADWeight):
     def num_kernels(self) -> int:
         return self.num_experts
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PADDynamicConv2d:
+        # `Module.to(memory_format=torch.channels_last)` converts every 4-D and 5-D tensor and refuses a 5-D one
+        # (a rank-4 format), so the (K, out, in/g, kh, kw) kernels stopped the whole model's conversion. A
+        # conversion that fails on them is applied to them as K*out stacked 4-D weights (its device / dtype part),
+        # and they keep their standard layout: the conv never reads them directly (the per-sample kernels are a
+        # fresh product, `sample_kernels`), so a channels_last copy would only cost a reshape copy per forward and
+        # a non-contiguous tensor for the checkpoint writer. Every other conversion runs unchanged.
+        def apply(tensor: Tensor) -> Tensor:
+            if tensor.dim() != 5:
+                return fn(tensor)
+            try:
+                return fn(tensor)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:
+                try:
+                    return fn(tensor.flatten(0, 1)).unflatten(0, tensor.shape[:2]).contiguous()
+                except RuntimeError:
+                    raise error from None
+
+        return super()._apply(apply, recurse)
+
     @classmethod
     def from_dense(
         cls,
@@ -197,6 +221,11 @@ class PADDynamicConv2d(PADWeight):
         pi = self.attention_weights(x)
         weight = self.sample_kernels(pi)
         bias = self.sample_biases(pi)
+        if batch == 0:
+            # Folding no sample into the groups would give groups=0. The per-sample kernels summed over no sample
+            # (zeros, still in the graph of every parameter) give nn.Conv2d's empty output and zero gradients.
+            bias = None if bias is None else bias.sum(0)
+            return F.conv2d(x, weight.sum(0), bias, self.stride, self.padding, self.dilation, self.groups)
         out = F.conv2d(
             x.reshape(1, batch * self.in_channels, *x.shape[2:]),
             weight.reshape(batch * self.out_channels, *weight.shape[2:]),

@@ -25,6 +25,7 @@ from transformers import initialization as init
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
 
+from .._compat import init_family_module, is_initialized
 from ..checkpoint.load import initialize_pad_weight, pad_from_pretrained, register_pad_conversions
 from ..checkpoint.save import pad_save_pretrained
 from .configuration_pad_dyconv import PAD_DYCONV_STEMS, PADDyConvConfig
@@ -131,7 +132,7 @@ def _init_kernels(family: PreTrainedModel, conv: PADDynamicConv2d, weights: Tens
     """Each of the kernels `weights` `(n, out, in/g, kh, kw)` drawn by the family's own init of an `nn.Conv2d` of
     the same geometry (ResNet: Kaiming normal, fan-out; MobileNetV2: normal(0, initializer_range)), independently,
     as DY-Conv initialises its kernels. Skipped for tensors Transformers marked as loaded."""
-    if getattr(weights, "_is_hf_initialized", False) or weights.device.type == "meta":
+    if is_initialized(weights) or weights.device.type == "meta":
         return
     with torch.no_grad():
         for k in range(weights.shape[0]):
@@ -139,7 +140,7 @@ def _init_kernels(family: PreTrainedModel, conv: PADDynamicConv2d, weights: Tens
                 conv.in_channels, conv.out_channels, conv.kernel_size, groups=conv.groups, bias=False,
                 device=weights.device, dtype=weights.dtype,
             )
-            family._init_weights(dense)
+            init_family_module(family, dense)
             weights[k].copy_(dense.weight)
 
 

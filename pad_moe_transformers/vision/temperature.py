@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from torch import nn
-from transformers.trainer_callback import TrainerCallback
+from transformers import TrainerCallback
 
 from .dynamic_conv import KernelAttention
 
