@@ -242,6 +242,8 @@ def bench_model(repeats: int, precision: str) -> dict:
 
         results[f"{kind}__train_step_s"] = median_time(train_step, max(3, repeats // 2), warmup=1)
         model.eval()
+        if hasattr(model, "unmerge_pad_weights"):  # eval() merges a PAD model: the unmerged rows opt out explicitly
+            model.unmerge_pad_weights()
         for batch in (1, BATCH):
             with torch.no_grad(), autocast(precision):
                 inputs = ids[:batch]

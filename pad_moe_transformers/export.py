@@ -1,7 +1,7 @@
 """Serving a PAD model: its eq. 4 weights frozen into traced graphs, and ONNX export checked with ONNX Runtime.
 
-A PAD layer forms its eq. 4 weights in every forward (training changes them every step). At inference they are
-constants, and a graph should hold them as such:
+At inference a PAD layer's eq. 4 weights are constants. Eager PyTorch keeps them in a merged model (eval mode,
+`core.inference`), checked before each use; a traced graph cannot run that check, and should hold them as constants:
 
     with torch.no_grad(), frozen_pad_weights(model):
         program = torch.export.export(model, (), batch)       # eq. 4 is not in the graph, its result is
@@ -29,12 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from ._compat import get_experts_implementation
+from .core.inference import FROZEN_KEYS, freeze, thaw
 from .core.pad_weight import PADWeight
 from .moe import PADMoEFeedForward
 
 __all__ = ["ONNXExport", "export_onnx", "frozen_pad_weights", "onnx_inputs", "verify_onnx"]
 
-_FROZEN_PREFIX = "_pad_frozen_"
 ONNX_EXTRA_HINT = "pip install 'pad_moe_transformers[onnx]' (onnx, onnxscript, onnxruntime)"
 
 
@@ -43,29 +43,32 @@ ONNX_EXTRA_HINT = "pip install 'pad_moe_transformers[onnx]' (onnx, onnxscript, o
 def frozen_pad_weights(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every PAD layer of `model` takes its eq. 4 weights from buffers formed once on entry.
 
-    `merged_pad_weights()` caches the merged weights in a context variable, which a tracer cannot read
-    (torch.compile, torch.export and the ONNX exporter form eq. 4 in the graph instead). Here they become
-    non-persistent buffers of the layers, so a graph traced inside the block (under `torch.no_grad()`) holds them
-    as constants: an element-wise PAD layer is then exactly a plain MoE layer, a neuron-structured one a dense
-    FFN on its static neurons plus a smaller MoE on its dynamic ones (the slices' sizes fixed at entry), a PAD
-    convolution a DY-Conv. Where autograd records (grad enabled) the layers form eq. 4 as usual, so no gradient
-    is ever taken through the frozen values. On exit the layers are as before.
+    A merged model (`merge_pad_weights`, eval mode) checks before each forward that its stored weights are fresh, which
+    a tracer cannot follow (torch.compile, torch.export and the ONNX exporter form eq. 4 in the graph instead). Here
+    the weights become non-persistent buffers of the layers (`core.inference.freeze`), served without a check, so a
+    graph traced inside the block (under `torch.no_grad()`) holds them as constants: an element-wise PAD layer is then
+    exactly a plain MoE layer, a neuron-structured one a dense FFN on its static neurons plus a smaller MoE on its
+    dynamic ones (the slices' sizes fixed at entry), a PAD convolution a DY-Conv. Where autograd records (grad
+    enabled) the layers form eq. 4 as usual, so no gradient is ever taken through the frozen values. On exit the
+    buffers are removed.
 
     Do not edit the weights inside the block (the frozen values would not follow); a nested block on the same
     model reuses the outer block's values. Raises `ValueError` while
     IMP scores a partition (a relaxed mask is not an inference state) or for a neuron-granularity layer whose
     mask is not neuron-structured.
     """
-    if any(method in vars(m) for m in model.modules() for method in ("_merge_experts", "_neuron_weights")):
+    if any(getattr(m, FROZEN_KEYS, None) is not None for m in model.modules()):
         yield model  # nested in another block on the same model: its frozen values serve
         return
-    frozen: list[tuple[nn.Module, str, list[str]]] = []
+    frozen: list[nn.Module] = []
     try:
         with torch.no_grad():
             neuron_linears: set[int] = set()
             for module in model.modules():
                 if isinstance(module, PADMoEFeedForward) and module.partition_granularity == "neuron":
-                    _freeze(module, "_neuron_weights", module._neuron_weights(), frozen)
+                    value = module._neuron_weights()
+                    frozen.append(module)
+                    freeze(module, value)
                     neuron_linears.update((id(module.fc_in), id(module.fc_out)))  # read through the slices only
             for module in model.modules():
                 if not isinstance(module, PADWeight) or id(module) in neuron_linears:
@@ -75,37 +78,13 @@ def frozen_pad_weights(model: nn.Module) -> Iterator[nn.Module]:
                         "frozen_pad_weights: a PAD layer holds a relaxed IMP mask (soft_mask); freeze the model after "
                         "the partition has finished."
                     )
-                _freeze(module, "_merge_experts", module._merge_experts(), frozen)
+                value = module._merge_experts()
+                frozen.append(module)
+                freeze(module, value)
         yield model
     finally:
-        for module, method, names in reversed(frozen):
-            del module.__dict__[method]  # the instance attribute that shadowed the class's method
-            for name in names:
-                del module._buffers[name]
-
-
-def _freeze(module: nn.Module, method: str, value: Tensor | Mapping[str, Tensor | None], frozen: list) -> None:
-    """Register `value` (a tensor, or a dict of them) as buffers of `module` and shadow `module.<method>` (the
-    computation `inference_value` calls) with a reader of those buffers, used while grad is disabled."""
-    if isinstance(value, Tensor):
-        names, keys = [_FROZEN_PREFIX + "weight"], None
-        module.register_buffer(names[0], value.detach(), persistent=False)
-    else:
-        keys = list(value)
-        names = [_FROZEN_PREFIX + key for key in keys]
-        for name, key in zip(names, keys):
-            module.register_buffer(name, None if value[key] is None else value[key].detach(), persistent=False)
-    compute = getattr(type(module), method)
-    frozen.append((module, method, names))
-
-    def read() -> Any:
-        if torch.is_grad_enabled():  # training or a grad-mode trace: eq. 4 with its gradient
-            return compute(module)
-        if keys is None:
-            return getattr(module, names[0])
-        return {key: getattr(module, name) for key, name in zip(keys, names)}
-
-    module.__dict__[method] = read
+        for module in reversed(frozen):
+            thaw(module)
 
 
 # ------------------------------------------------------------------------------------------ ONNX

@@ -36,7 +36,7 @@ from .checkpoint.load import initialize_pad_weight, pad_from_pretrained
 from .checkpoint.save import pad_save_pretrained
 from .configuration_pad_moe import PADMoEConfig
 from .conversion import convert_ffn_to_pad_moe
-from .core.pad_weight import PADWeight
+from .core.pad_weight import PADMergeMixin, PADWeight
 from .input_checks import check_attention_mask, diagnose_inputs
 from .modeling_outputs import (
     PADMoEMaskedLMOutput,
@@ -53,8 +53,7 @@ from .routing_records import RoutingRecord, recording_routing
 logger = logging.get_logger(__name__)
 
 
-
-class PADMoEPreTrainedModel(PreTrainedModel):
+class PADMoEPreTrainedModel(PADMergeMixin, PreTrainedModel):
     config_class = PADMoEConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from ._compat import get_experts_implementation
-from .core.inference import inference_value
+from .core.inference import MERGE_CACHE, inference_value
 from .experts import ExpertWeights, run_experts
 from .pad_linear import PADExpertLinear
 from .router import TopKRouter
@@ -48,6 +48,8 @@ class PADMoEFeedForward(nn.Module):
         self.activation = activation
         self.fc_out = fc_out
         self.num_experts = router.num_experts
+        self._pad_merge_cache = None  # the neuron slices of merged fc_in / fc_out (`_neuron_experts_forward`)
+        self._pad_frozen_keys = None  # set by `export.frozen_pad_weights` (`core.inference.freeze`)
 
     @classmethod
     def from_dense(
@@ -163,11 +165,39 @@ class PADMoEFeedForward(nn.Module):
             "expert_out": fc_out.expert_weight[:, :, dyn] * l_d_out,  # (E, H, I_d)
         }
 
+    def _neuron_sources(self) -> list[Tensor | None]:
+        """The tensors the neuron slices are formed from (`core.inference.inference_value` checks them)."""
+        return [
+            *self.fc_in.merge_sources(),
+            *self.fc_out.merge_sources(),
+            self.fc_in.static_bias,
+            self.fc_in.expert_bias,
+        ]
+
+    def _neuron_inference_weights(self) -> dict[str, Tensor | None] | None:
+        """`_neuron_weights()`, kept across forwards without grad while fc_in and fc_out are merged (or formed once
+        per `merged_pad_weights()` block), and formed again whenever one of their tensors changes."""
+        if torch.compiler.is_compiling():  # frozen slices or none (`inference_value`)
+            return inference_value(self, self._neuron_weights, self._neuron_sources, False)
+        merged = self.fc_in.merged and self.fc_out.merged
+        if not merged and self.__dict__.get(MERGE_CACHE) is not None:
+            self._pad_merge_cache = None  # unmerged since: free the slices
+        if self.fc_in.soft_mask is not None or self.fc_out.soft_mask is not None:
+            return self._neuron_weights()
+        return inference_value(self, self._neuron_weights, self._neuron_sources, merged)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._pad_merge_cache = None  # converted sources: formed again on the next forward
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), MERGE_CACHE: None}
+
     def _neuron_experts_forward(self, x: Tensor, gates: Tensor, experts: Tensor) -> Tensor:
         """Static neurons share their weights across experts, so their contribution is computed once
         per token (weighted by the sum of the selected gates, which is 1); only the dynamic neurons
         are computed per expert, as smaller dense matmuls."""
-        w = inference_value(self, self._neuron_weights)  # inside `merged_pad_weights()` formed once per block
+        w = self._neuron_inference_weights()
         if w is None:
             # Traced without constant slices: the element form. A static neuron's eq. 4 rows are the same in every
             # expert (`l_s * W_static`, the static bias), so its gate-weighted sum over the selected experts is

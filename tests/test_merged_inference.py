@@ -1,4 +1,7 @@
-"""`merged_pad_weights()`: eq. 4 formed once per block at inference, never stale outside it, never under grad."""
+"""`merged_pad_weights()`: eq. 4 formed once per block at inference, never stale outside it, never under grad.
+
+The models here are unmerged (`unmerge_pad_weights()`: eval mode would merge them), so that the block alone is
+tested; merged models are tested in tests/test_merge.py."""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def _model(dense_dir, granularity: str) -> nn.Module:
             else:
                 for linear in (moe.fc_in, moe.fc_out):
                     linear.mask.copy_(torch.rand_like(linear.mask, dtype=torch.float) < 0.4)
-    return model.eval()
+    return model.eval().unmerge_pad_weights()
 
 
 def _count_merges(monkeypatch, owner: type = PADWeight, method: str = "_merge_experts") -> list[int]:
@@ -80,7 +83,7 @@ def test_values_end_with_the_block_and_edits_show_after_it(dense_dir):
     linear = model.moe_layers[0].fc_in
     with torch.no_grad(), pmt.merged_pad_weights():
         before = model(input_ids=IDS, attention_mask=MASK).logits
-        linear.expert_weight.data.mul_(-1.0)  # an edit inside the block is not seen there (documented) ...
+        linear.expert_weight.data.mul_(-1.0)  # a write through `.data` inside the block is not seen there (documented)
         torch.testing.assert_close(model(input_ids=IDS, attention_mask=MASK).logits, before, atol=0, rtol=0)
     with torch.no_grad():  # ... and is seen as soon as the block ends
         after = model(input_ids=IDS, attention_mask=MASK).logits
@@ -123,7 +126,7 @@ def test_dynamic_convolution_uses_the_block_too(monkeypatch):
     base = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3)
     config = pmt.PADDyConvConfig.from_base(base, dynamic_ratio=0.5)
     torch.manual_seed(0)
-    model = pmt.PADDyConvForImageClassification(config).eval()
+    model = pmt.PADDyConvForImageClassification(config).eval().unmerge_pad_weights()
     with torch.no_grad():
         for ref in pmt.core.named_pad_weights(model):
             ref.module.mask.copy_(torch.rand_like(ref.module.mask, dtype=torch.float) < 0.5)

@@ -39,22 +39,46 @@ class _MergedPADWeights(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        dynamic, static, mask, l_s, l_d = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad_dynamic = grad_static = grad_l_s = grad_l_d = None
-        if needs[0] or needs[4]:
-            dynamic_grad = grad.masked_fill(~mask, 0.0)  # (K, *shape)
-            if needs[4]:
-                grad_l_d = torch.dot(dynamic_grad.reshape(-1), dynamic.reshape(-1)).reshape(l_d.shape)
-            if needs[0]:
-                grad_dynamic = dynamic_grad.mul_(l_d)
-        if needs[1] or needs[3]:
-            static_grad = grad.sum(dim=0).masked_fill_(mask, 0.0)  # (*shape)
-            if needs[3]:
-                grad_l_s = torch.dot(static_grad.reshape(-1), static.reshape(-1)).reshape(l_s.shape)
-            if needs[1]:
-                grad_static = static_grad.mul_(l_s)
-        return grad_dynamic, grad_static, None, grad_l_s, grad_l_d
+        return _backward(grad, ctx.saved_tensors, ctx.needs_input_grad)
+
+
+def _backward(grad: Tensor, saved: tuple[Tensor, ...], needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """The gradients of eq. 4 (boolean mask) w.r.t. ``(dynamic, static, mask, l_s, l_d)``."""
+    dynamic, static, mask, l_s, l_d = saved
+    grad_dynamic = grad_static = grad_l_s = grad_l_d = None
+    if needs[0] or needs[4]:
+        dynamic_grad = grad.masked_fill(~mask, 0.0)  # (K, *shape)
+        if needs[4]:
+            grad_l_d = torch.dot(dynamic_grad.reshape(-1), dynamic.reshape(-1)).reshape(l_d.shape)
+        if needs[0]:
+            grad_dynamic = dynamic_grad.mul_(l_d)
+    if needs[1] or needs[3]:
+        static_grad = grad.sum(dim=0).masked_fill_(mask, 0.0)  # (*shape)
+        if needs[3]:
+            grad_l_s = torch.dot(static_grad.reshape(-1), static.reshape(-1)).reshape(l_s.shape)
+        if needs[1]:
+            grad_static = static_grad.mul_(l_s)
+    return grad_dynamic, grad_static, None, grad_l_s, grad_l_d
+
+
+class _StoredPADWeights(torch.autograd.Function):
+    """Eq. 4 whose value is already formed (a merged layer's stored weights, `core.inference`): the forward returns
+    it (a view, no computation), the backward is eq. 4's own, so gradients are those of `pad_merge`."""
+
+    @staticmethod
+    def forward(ctx, stored: Tensor, dynamic: Tensor, static: Tensor, mask: Tensor, l_s: Tensor, l_d: Tensor) -> Tensor:
+        ctx.save_for_backward(dynamic, static, mask, l_s, l_d)
+        return stored.view_as(stored)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (None, *_backward(grad, ctx.saved_tensors, ctx.needs_input_grad[1:]))
+
+
+def pad_merge_stored(stored: Tensor, dynamic: Tensor, static: Tensor, mask: Tensor, l_s: Tensor, l_d: Tensor) -> Tensor:
+    """`pad_merge(dynamic, static, mask, l_s, l_d)` for a boolean mask when its value `stored` is already formed (and
+    current): that value, with eq. 4's gradient w.r.t. the other arguments."""
+    return _StoredPADWeights.apply(stored, dynamic, static, mask, l_s, l_d)
 
 
 def pad_merge(dynamic: Tensor, static: Tensor, mask: Tensor, l_s: Tensor, l_d: Tensor) -> Tensor:

@@ -14,6 +14,14 @@ dynamic function needs (biases, in/out features, kernel size) and its forward.
 
 While IMP scores a partition, `soft_mask` holds a float relaxation of `mask` that requires grad; it is
 set and cleared by the partition code around its scoring passes and is None otherwise.
+
+Merged inference (`merge` / `unmerge`, as PEFT's `merge_adapter` / `unmerge_adapter`): a merged layer keeps its
+eq. 4 weights, formed on first use, and serves them to later forwards while the tensors they were formed from are
+unchanged (else it forms them again; `core.inference`). Where autograd records, the stored value comes with eq. 4's
+own backward (`eq4.pad_merge_stored`), so gradients are exactly those of an unmerged layer. The stored weights are a
+plain attribute, never a parameter or buffer: they are not in `state_dict` (checkpoints are the same merged or not),
+and `.to()` drops them. A stand-alone layer is merged only by `merge()`; the PAD models merge their layers in eval
+mode and unmerge them in train mode (`PADMergeMixin`).
 """
 
 from __future__ import annotations
@@ -24,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from .compact import decode_compact
-from .eq4 import pad_merge
-from .inference import inference_value
-from .scale_factors import SCALE_FACTOR_NAMES, register_scale_factors, scale_factors
+from .eq4 import pad_merge, pad_merge_stored
+from .inference import MERGE_CACHE, inference_value
+from .scale_factors import SCALE_FACTOR_NAMES, register_scale_factors, scale_factor_names, scale_factors
 
 COMPACT_SUFFIXES = ("mask_packed", "static_values", "expert_values")
 
@@ -57,6 +65,37 @@ class PADWeight(nn.Module):
         self.register_buffer("mask", torch.ones(*shape, dtype=torch.bool, device=device))
         register_scale_factors(self, scale_factor_mode, **factory)
         self.soft_mask: Tensor | None = None
+        self._merged = False  # `merge()`d: eq. 4 weights kept across forwards without grad
+        self._pad_merge_cache = None
+        self._pad_frozen_keys = None  # set by `export.frozen_pad_weights` (`core.inference.freeze`)
+
+    # --- merged inference --------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        """Whether the layer keeps its eq. 4 weights across forwards without grad (`merge`)."""
+        return self._merged
+
+    def merge(self) -> None:
+        """Keep the eq. 4 weights from the next forward without grad on (formed then, and again whenever a source
+        tensor changes; `core.inference`)."""
+        self._merged = True
+
+    def unmerge(self) -> None:
+        """Form eq. 4 in every forward again and free the stored weights."""
+        self._merged = False
+        self._pad_merge_cache = None
+
+    def _apply(self, fn, recurse: bool = True):
+        self._pad_merge_cache = None  # converted sources: formed again on the next forward, in the new dtype / device
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # pickling / deepcopy: the stored weights are formed again on first use
+        return {**super().__getstate__(), MERGE_CACHE: None}
+
+    def merge_sources(self) -> list[Tensor]:
+        """The tensors eq. 4 reads: a merged value is served only while they are unchanged."""
+        names = scale_factor_names(self.scale_factor_mode)
+        return [self.expert_weight, self.static_weight, self.mask, *(getattr(self, name) for name in names)]
 
     # --- eq. 4 -----------------------------------------------------------------------------------
     def scale_factors(self, values: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -66,8 +105,15 @@ class PADWeight(nn.Module):
     def effective_weight(self, dynamic: Tensor | None = None) -> Tensor:
         """Eq. 4: `(K, *shape)` effective weights (`dynamic` replaces `expert_weight`, e.g. a per-sample
         mixture of kernels, `(B, *shape)`). Uses `soft_mask` while IMP scores, else the binary mask."""
-        if dynamic is None and self.soft_mask is None:  # inside `merged_pad_weights()` formed once per block
-            return inference_value(self, self._merge_experts)
+        if dynamic is None and self.soft_mask is None:
+            if self._merged and torch.is_grad_enabled() and self._pad_frozen_keys is None:
+                if not torch.compiler.is_compiling():  # merged, autograd recording (eval mode with grad)
+                    with torch.no_grad():
+                        stored = inference_value(self, self._merge_experts, self.merge_sources, True)
+                    l_s, l_d = self.scale_factors()  # the stored value, with eq. 4's exact gradient
+                    return pad_merge_stored(stored, self.expert_weight, self.static_weight, self.mask, l_s, l_d)
+            # merged, or in `merged_pad_weights()`: formed once (no grad)
+            return inference_value(self, self._merge_experts, self.merge_sources, self._merged)
         l_s, l_d = self.scale_factors()
         mask = self.mask if self.soft_mask is None else self.soft_mask
         return pad_merge(self.expert_weight if dynamic is None else dynamic, self.static_weight, mask, l_s, l_d)
@@ -115,3 +161,74 @@ class PADWeight(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+# --- model-level merged inference ----------------------------------------------------------------
+def merge_pad_weights(model: nn.Module) -> nn.Module:
+    """Merge every PAD layer of `model` (`PADWeight.merge`) and form its eq. 4 weights now. Returns `model`."""
+    for module in model.modules():
+        if isinstance(module, PADWeight):
+            module.merge()
+    with torch.no_grad():
+        neuron_linears: set[int] = set()
+        for module in model.modules():
+            neuron_weights = getattr(module, "_neuron_inference_weights", None)
+            if callable(neuron_weights) and getattr(module, "partition_granularity", None) == "neuron":
+                neuron_weights()
+                neuron_linears.update(id(linear) for linear in module.pad_linears().values())
+        for module in model.modules():
+            if isinstance(module, PADWeight) and id(module) not in neuron_linears and module.soft_mask is None:
+                module.effective_weight()
+    return model
+
+
+def unmerge_pad_weights(model: nn.Module) -> nn.Module:
+    """Unmerge every PAD layer of `model` and free the stored weights: eq. 4 is formed in every forward again.
+    Returns `model`."""
+    for module in model.modules():
+        if isinstance(module, PADWeight):
+            module.unmerge()
+        elif MERGE_CACHE in module.__dict__:
+            module.__dict__[MERGE_CACHE] = None
+    return model
+
+
+def pad_weights_merged(model: nn.Module) -> bool:
+    """Whether `model` has PAD layers and all of them are merged."""
+    layers = [module for module in model.modules() if isinstance(module, PADWeight)]
+    return bool(layers) and all(layer.merged for layer in layers)
+
+
+class PADMergeMixin:
+    """`merge_pad_weights` / `unmerge_pad_weights` / `pad_weights_merged` on a PAD model (PEFT's `merge_adapter` /
+    `unmerge_adapter` for eq. 4), and the rule that makes the usual inference calls fast: the model merges its PAD
+    layers when put in eval mode (`from_pretrained`, `pipeline`, `Trainer.evaluate` / `predict` do) and unmerges them
+    in train mode, unless `unmerge_pad_weights()` opted out."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_pad_auto_merge", True):
+            for module in self.modules():
+                if isinstance(module, PADWeight):
+                    module.unmerge() if mode else module.merge()
+        return self
+
+    def merge_pad_weights(self):
+        """Keep every PAD layer's eq. 4 weights (formed now) instead of forming them in every forward; formed again
+        whenever the weights change (optimizer step, `load_state_dict`, `.to()`, a partition writing masks; not an
+        in-place write through `.data`, see docs/architecture.md). Eval mode merges by itself; this also merges in
+        train mode (until the next `train()`) and undoes `unmerge_pad_weights()`. Not saved: checkpoints are the
+        same. Returns the model."""
+        self._pad_auto_merge = True
+        return merge_pad_weights(self)
+
+    def unmerge_pad_weights(self):
+        """Form eq. 4 in every forward again (freeing the stored weights), in eval mode too, until
+        `merge_pad_weights()`. Returns the model."""
+        self._pad_auto_merge = False
+        return unmerge_pad_weights(self)
+
+    @property
+    def pad_weights_merged(self) -> bool:
+        """Whether every PAD layer is merged (eval mode, or `merge_pad_weights()`)."""
+        return pad_weights_merged(self)

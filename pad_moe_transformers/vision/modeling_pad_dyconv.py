@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput, TransformersKwargs
 from .._compat import init_family_module, is_initialized
 from ..checkpoint.load import initialize_pad_weight, pad_from_pretrained, register_pad_conversions
 from ..checkpoint.save import pad_save_pretrained
+from ..core.pad_weight import PADMergeMixin
 from .configuration_pad_dyconv import PAD_DYCONV_STEMS, PADDyConvConfig
 from .conversion import convert_convs_to_pad_dyconv
 from .dynamic_conv import KernelAttention, PADDynamicConv2d
@@ -35,7 +36,7 @@ from .dynamic_conv import KernelAttention, PADDynamicConv2d
 register_pad_conversions(PADDyConvConfig.model_type)
 
 
-class PADDyConvPreTrainedModel(PreTrainedModel):
+class PADDyConvPreTrainedModel(PADMergeMixin, PreTrainedModel):
     config_class = PADDyConvConfig
     base_model_prefix = "model"
     main_input_name = "pixel_values"
