@@ -56,3 +56,39 @@ def write_glue_tsvs(root: Path, words: Sequence[str], train_rows: int, dev_rows:
         ]
         (root / "STS-B" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     return root
+
+
+def perturb_pad_model(model, granularity: str = "element", alpha: float = 0.5):
+    """Make a PAD-MoE model's experts differ, move its scale factors off 1 and give it a mask (random element mask
+    at ~40% dynamic, or every third intermediate neuron dynamic): a stand-in for a trained, partitioned model."""
+    with torch.no_grad():
+        for moe in model.moe_layers:
+            for linear in (moe.fc_in, moe.fc_out):
+                linear.expert_weight.add_(torch.randn_like(linear.expert_weight), alpha=alpha)
+                linear.scale_logit.fill_(0.3)
+            if granularity == "neuron":
+                moe.set_neuron_mask(torch.arange(moe.fc_in.out_features) % 3 == 0)
+            else:
+                for linear in (moe.fc_in, moe.fc_out):
+                    linear.mask.copy_(torch.rand_like(linear.mask, dtype=torch.float) < 0.4)
+    return model
+
+
+def count_eq4_formations(monkeypatch, granularity: str = "element") -> list[int]:
+    """A one-element list counting the formations of eq. 4 from now on: per PAD weight (element-wise layers), per
+    MoE layer's neuron slices (neuron-structured ones)."""
+    import pad_moe_transformers as pmt
+    from pad_moe_transformers.core.pad_weight import PADWeight
+
+    owner, method = (
+        (pmt.PADMoEFeedForward, "_neuron_weights") if granularity == "neuron" else (PADWeight, "_merge_experts")
+    )
+    calls = [0]
+    original = getattr(owner, method)
+
+    def counting(self):
+        calls[0] += 1
+        return original(self)
+
+    monkeypatch.setattr(owner, method, counting)
+    return calls

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _fixtures import save_tiny_bert
+from _fixtures import count_eq4_formations, save_tiny_bert
 from torch import nn
 from transformers import (
     AutoModelForImageClassification,
@@ -194,15 +194,7 @@ def test_frozen_weights_are_constants_of_the_exported_graph(kind, monkeypatch):
     del batch["labels"]
     with torch.no_grad():
         expected = model(**batch).logits
-    method, owner = ("_neuron_weights", pmt.PADMoEFeedForward) if kind == "neuron" else ("_merge_experts", PADWeight)
-    calls = [0]
-    original = getattr(owner, method)
-
-    def counting(self):
-        calls[0] += 1
-        return original(self)
-
-    monkeypatch.setattr(owner, method, counting)
+    calls = count_eq4_formations(monkeypatch, kind)
     with torch.no_grad(), frozen_pad_weights(model):
         merged_on_entry = calls[0]
         with frozen_pad_weights(model):  # nested: the outer block's values
@@ -221,7 +213,7 @@ def test_frozen_weights_are_constants_of_the_exported_graph(kind, monkeypatch):
         torch.testing.assert_close(program.module()(**batch).logits, expected, atol=1e-6, rtol=1e-6)
     # Restored on exit; with grad enabled inside the block the layers form eq. 4 (gradients reach the PAD weights).
     assert not any("_pad_frozen_" in name for name, _ in model.named_buffers())
-    assert all(method not in vars(m) for m in model.modules())
+    assert all(name not in vars(m) for m in model.modules() for name in ("_merge_experts", "_neuron_weights"))
     with frozen_pad_weights(model):
         model(**_batch()).loss.backward()
     assert all(m.expert_weight.grad is not None for m in model.modules() if isinstance(m, PADWeight))

@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from _fixtures import save_tiny_bert
+from _fixtures import count_eq4_formations, perturb_pad_model, save_tiny_bert
 from transformers import AutoTokenizer, BertConfig, ResNetConfig, Trainer, TrainingArguments, pipeline
 
 import pad_moe_transformers as pmt
@@ -32,34 +32,11 @@ def _config(granularity: str = "element") -> pmt.PADMoEConfig:
 def _model(granularity: str = "element") -> pmt.PADMoEForSequenceClassification:
     """A partitioned classifier (experts that differ, scale factors away from 1), in eval mode."""
     torch.manual_seed(0)
-    model = pmt.PADMoEForSequenceClassification(_config(granularity))
-    with torch.no_grad():
-        for moe in model.moe_layers:
-            for linear in (moe.fc_in, moe.fc_out):
-                linear.expert_weight.add_(torch.randn_like(linear.expert_weight), alpha=0.5)
-                linear.scale_logit.fill_(0.3)
-            if granularity == "neuron":
-                moe.set_neuron_mask(torch.arange(moe.fc_in.out_features) % 3 == 0)
-            else:
-                for linear in (moe.fc_in, moe.fc_out):
-                    linear.mask.copy_(torch.rand_like(linear.mask, dtype=torch.float) < 0.4)
-    return model.eval()
+    return perturb_pad_model(pmt.PADMoEForSequenceClassification(_config(granularity)), granularity).eval()
 
 
 def _count(monkeypatch, granularity: str = "element") -> list[int]:
-    """Count the formations of eq. 4: per PAD weight (element), per MoE layer's neuron slices (neuron)."""
-    owner, method = (
-        (pmt.PADMoEFeedForward, "_neuron_weights") if granularity == "neuron" else (PADWeight, "_merge_experts")
-    )
-    calls = [0]
-    original = getattr(owner, method)
-
-    def counting(self):
-        calls[0] += 1
-        return original(self)
-
-    monkeypatch.setattr(owner, method, counting)
-    return calls
+    return count_eq4_formations(monkeypatch, granularity)
 
 
 def _unmerged_logits(model, batch=BATCH) -> torch.Tensor:

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from _fixtures import perturb_pad_model
 from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, ResNetConfig
 
@@ -29,17 +30,7 @@ def _model(dense_dir, granularity: str) -> nn.Module:
     config = pmt.PADMoEConfig.from_base(dense_dir, num_labels=2, partition_granularity=granularity)
     torch.manual_seed(1)
     model = AutoModelForSequenceClassification.from_pretrained(dense_dir, config=config)
-    with torch.no_grad():
-        for moe in model.moe_layers:
-            for linear in (moe.fc_in, moe.fc_out):
-                linear.expert_weight.add_(torch.randn_like(linear.expert_weight), alpha=0.1)
-                linear.scale_logit.fill_(0.3)
-            if granularity == "neuron":
-                moe.set_neuron_mask(torch.arange(moe.fc_in.out_features) % 3 == 0)
-            else:
-                for linear in (moe.fc_in, moe.fc_out):
-                    linear.mask.copy_(torch.rand_like(linear.mask, dtype=torch.float) < 0.4)
-    return model.eval().unmerge_pad_weights()
+    return perturb_pad_model(model, granularity, alpha=0.1).eval().unmerge_pad_weights()
 
 
 def _count_merges(monkeypatch, owner: type = PADWeight, method: str = "_merge_experts") -> list[int]:
