@@ -41,11 +41,13 @@ class UnsupportedTransformersError(ImportError):
     """The installed Transformers release is outside the tested window."""
 
 
-def check_transformers_version(version: str | None = None) -> None:
+def check_transformers_version(version: str | None = None, allow_untested: bool | None = None) -> None:
     """Raise `UnsupportedTransformersError` naming the window when `version` (default: the installed release) is
-    outside it, unless `PAD_MOE_ALLOW_UNTESTED_TRANSFORMERS=1`."""
+    outside it, unless `allow_untested` (default: whether `PAD_MOE_ALLOW_UNTESTED_TRANSFORMERS=1`)."""
     version = transformers.__version__ if version is None else version
-    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+    if allow_untested is None:
+        allow_untested = os.environ.get(ALLOW_UNTESTED_ENV) == "1"
+    if allow_untested:
         return
     # A pre-release of the next minor (5.26.0.dev0) counts as that minor: its internals may already have moved.
     base = Version(Version(version).base_version)

@@ -55,6 +55,8 @@ def test_a_release_outside_the_window_is_refused_naming_the_window(version, monk
         check_transformers_version(version)
     monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
     check_transformers_version(version)  # the escape hatch of tools/check_newest_transformers.sh
+    with pytest.raises(UnsupportedTransformersError):
+        check_transformers_version(version, allow_untested=False)  # an explicit argument wins over the variable
 
 
 @pytest.mark.parametrize("version", [*_compat.TESTED_RELEASES, "5.23.1", "5.25.3"])
