@@ -9,12 +9,11 @@ import threading
 
 import pytest
 import torch
-from _fixtures import perturb_pad_model
+from _fixtures import count_eq4_formations, perturb_pad_model
 from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, ResNetConfig
 
 import pad_moe_transformers as pmt
-from pad_moe_transformers.core.pad_weight import PADWeight
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +32,6 @@ def _model(dense_dir, granularity: str) -> nn.Module:
     return perturb_pad_model(model, granularity, alpha=0.1).eval().unmerge_pad_weights()
 
 
-def _count_merges(monkeypatch, owner: type = PADWeight, method: str = "_merge_experts") -> list[int]:
-    """Count the calls of the method that forms eq. 4 (per PAD weight, or per neuron-structured MoE layer)."""
-    calls = [0]
-    merge = getattr(owner, method)
-
-    def counting(self):
-        calls[0] += 1
-        return merge(self)
-
-    monkeypatch.setattr(owner, method, counting)
-    return calls
-
-
 IDS = torch.tensor([[2, 7, 9, 11, 3, 0], [2, 5, 6, 3, 0, 0]])
 MASK = (IDS != 0).long()
 
@@ -56,9 +42,9 @@ def test_block_gives_the_same_outputs_and_merges_once(dense_dir, granularity, mo
     with torch.no_grad():
         expected = model(input_ids=IDS, attention_mask=MASK).logits
     if granularity == "element":  # 2 layers x (fc_in, fc_out)
-        calls, per_forward = _count_merges(monkeypatch), 4
+        calls, per_forward = count_eq4_formations(monkeypatch), 4
     else:  # 2 layers, each forming its neuron slices
-        calls, per_forward = _count_merges(monkeypatch, pmt.PADMoEFeedForward, "_neuron_weights"), 2
+        calls, per_forward = count_eq4_formations(monkeypatch, "neuron"), 2
     with torch.no_grad(), pmt.merged_pad_weights():
         outputs = [model(input_ids=IDS, attention_mask=MASK).logits for _ in range(3)]
     for logits in outputs:
@@ -95,7 +81,7 @@ def test_grad_mode_inside_the_block_is_never_cached(dense_dir):
 
 def test_other_threads_do_not_see_the_block(dense_dir, monkeypatch):
     model = _model(dense_dir, "element")
-    calls = _count_merges(monkeypatch)
+    calls = count_eq4_formations(monkeypatch)
     seen = []
 
     def other():
@@ -124,7 +110,7 @@ def test_dynamic_convolution_uses_the_block_too(monkeypatch):
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = model(pixel_values=images).logits
-    calls = _count_merges(monkeypatch)
+    calls = count_eq4_formations(monkeypatch)
     with torch.no_grad(), pmt.merged_pad_weights():
         for _ in range(2):
             torch.testing.assert_close(model(pixel_values=images).logits, expected, atol=1e-6, rtol=1e-6)
