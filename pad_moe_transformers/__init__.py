@@ -24,7 +24,7 @@ from .checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
 from .checkpoint import PADCheckpointError, theoretical_checkpoint_size
 from .configuration_pad_moe import SCALE_FACTOR_MODES, PADMoEConfig
 from .conversion import convert_ffn_to_pad_moe
-from .core import merged_pad_weights
+from .core import compact_pad_storage, dense_pad_storage, merged_pad_weights
 from .modelcard import build_model_card
 from .modeling_pad_moe import (
     PAD_MODEL_CLASSES,
@@ -114,6 +114,8 @@ __all__ = [
     "convert_ffn_to_pad_moe",
     "load_balancing_loss",
     "merged_pad_weights",
+    "compact_pad_storage",
+    "dense_pad_storage",
     "moe_p_prune",
     "pad_optimizer_cls_and_kwargs",
     "pad_optimizer_grouped_parameters",

@@ -11,7 +11,10 @@ Trainer would take on the partitioned model without the callback:
 - no parameter `.grad` is written (`torch.autograd.grad`), the optimizer and its state are untouched;
 - the torch (CPU and CUDA), Python and NumPy RNG states and the dataloader's sampler generator are
   restored, so the Trainer's first epoch sees the same batches and dropout masks;
-- the model's parameters change only by the post-processing zeros of the mask.
+- the model's values change only by the post-processing zeros of the mask; the partitioned layers take compact
+  storage (only what eq. 4 reads is a parameter) and the Trainer's optimizer, built before this event, is re-bound
+  to the new parameters in the same groups (`optimizer.rebind_optimizer`; it has no state yet). Under DDP the
+  layers keep dense storage (the reducer holds the parameters it was built with).
 
 It does nothing when the model is already partitioned (`config.partition` set, masks already
 partial, or a resumed run with `state.global_step > 0`). Under DDP every rank scores its own shard;
@@ -38,6 +41,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.utils import logging
 
 from ._compat import ExportableState
+from .optimizer import check_optimizer_bound, dense_parameters, rebind_optimizer, storage_replacements
 from .partition import (
     DEFAULT_NUM_BATCHES,
     DEFAULT_ROUNDS,
@@ -47,7 +51,7 @@ from .partition import (
     partition_model,
     verify_partition_metadata,
 )
-from .partition._common import check_model, check_not_sharded
+from .partition._common import check_model, check_not_sharded, world_size
 from .partition.options import check_options
 from .partition.units import current_masks
 
@@ -135,12 +139,15 @@ class IMPTrainerCallback(TrainerCallback, ExportableState):
         control: TrainerControl,
         model: Any = None,
         train_dataloader: Any = None,
+        optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
         pad_model = check_model(model)
         reason = _skip_reason(pad_model, state)
         if reason is not None:
             logger.info(f"IMPTrainerCallback: not partitioning, {reason}.")
+            if optimizer is not None:
+                check_optimizer_bound(pad_model, optimizer)
             if pad_model.config.partition is None:
                 self._restore_metadata(pad_model, state)
             self.partition_metadata = pad_model.config.partition
@@ -171,6 +178,17 @@ class IMPTrainerCallback(TrainerCallback, ExportableState):
                     f"IMPTrainerCallback: the train dataloader has only {len(batches)} batches; "
                     f"partitioning on those instead of num_batches={self.num_batches}."
                 )
+            # The partition gives the partitioned layers compact storage (new parameters): the Trainer's optimizer,
+            # built before this event, is re-bound to them below. Under DDP the reducer holds the parameters it was
+            # built with and cannot be re-bound: the layers keep dense storage there.
+            compact = world_size() == 1
+            if not compact:
+                logger.warning(
+                    "IMPTrainerCallback: under distributed training the partitioned layers keep dense storage (the "
+                    "DDP reducer holds the parameters it was built with). For compact storage, partition before "
+                    "building the Trainer: `partition_model(model, batches)`, then `Trainer(model=model, ...)`."
+                )
+            before = dense_parameters(pad_model)
             self.result = partition_model(
                 pad_model,
                 batches,
@@ -184,7 +202,11 @@ class IMPTrainerCallback(TrainerCallback, ExportableState):
                 warmup_steps=self.warmup_steps,
                 warmup_lr=self.warmup_lr,
                 progress=self.progress and not args.disable_tqdm,
+                compact_storage=compact,
             )
+        if optimizer is not None:
+            rebind_optimizer(optimizer, storage_replacements(before))
+            check_optimizer_bound(pad_model, optimizer)
         pad_model.zero_grad(set_to_none=True)
         self.partition_metadata = pad_model.config.partition
         neuron = self.result.neuron_dynamic_ratios is not None

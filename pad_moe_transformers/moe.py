@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 
 from ._compat import get_experts_implementation
 from .core.inference import MERGE_CACHE, inference_value
+from .core.pad_weight import COMPACT_STORAGE
 from .experts import ExpertWeights, run_experts
 from .pad_linear import PADExpertLinear
 from .router import TopKRouter
@@ -156,13 +157,26 @@ class PADMoEFeedForward(nn.Module):
         fc_in, fc_out = self.fc_in, self.fc_out
         l_s_in, l_d_in = fc_in.scale_factors()
         l_s_out, l_d_out = fc_out.scale_factors()
+        if fc_in.storage == COMPACT_STORAGE and fc_out.storage == COMPACT_STORAGE:
+            # Compact storage of a neuron-structured mask holds exactly the slices, row-major: fc_in's dynamic rows
+            # `(E, I_d, H)` and static rows `(I_s, H)`, fc_out's dynamic columns `(E, H, I_d)` and static `(H, I_s)`.
+            fc_in.compact_index(), fc_out.compact_index()  # refuses a mask changed under the stored values
+            num_experts, hidden = fc_in.num_experts, fc_in.in_features
+            return {
+                "static_in": fc_in.static_values.view(len(sta), hidden) * l_s_in,
+                "static_in_bias": None if fc_in.static_bias is None else fc_in.static_bias[sta],
+                "static_out": fc_out.static_values.view(hidden, len(sta)) * l_s_out,
+                "expert_in": fc_in.expert_values.view(num_experts, len(dyn), hidden) * l_d_in,
+                "expert_in_bias": None if fc_in.expert_bias is None else fc_in.expert_bias[:, dyn],
+                "expert_out": fc_out.expert_values.view(num_experts, hidden, len(dyn)) * l_d_out,
+            }
         return {
-            "static_in": fc_in.static_weight[sta] * l_s_in,  # (I_s, H)
+            "static_in": fc_in.dense_static_weight()[sta] * l_s_in,  # (I_s, H)
             "static_in_bias": None if fc_in.static_bias is None else fc_in.static_bias[sta],  # (I_s,)
-            "static_out": fc_out.static_weight[:, sta] * l_s_out,  # (H, I_s)
-            "expert_in": fc_in.expert_weight[:, dyn] * l_d_in,  # (E, I_d, H)
+            "static_out": fc_out.dense_static_weight()[:, sta] * l_s_out,  # (H, I_s)
+            "expert_in": fc_in.dense_expert_weight()[:, dyn] * l_d_in,  # (E, I_d, H)
             "expert_in_bias": None if fc_in.expert_bias is None else fc_in.expert_bias[:, dyn],  # (E, I_d)
-            "expert_out": fc_out.expert_weight[:, :, dyn] * l_d_out,  # (E, H, I_d)
+            "expert_out": fc_out.dense_expert_weight()[:, :, dyn] * l_d_out,  # (E, H, I_d)
         }
 
     def _neuron_sources(self) -> list[Tensor | None]:

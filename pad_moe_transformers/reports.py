@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from .core.pad_weight import PAD_WEIGHT_PARAMETER_NAMES
 from .core.registry import named_pad_linears
 
 
@@ -75,7 +76,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     for ref in named_pad_linears(model):
         linear = ref.module
         nnz = linear.num_dynamic()
-        other = sum(p.numel() for n, p in linear.named_parameters() if n not in ("expert_weight", "static_weight"))
+        other = sum(p.numel() for n, p in linear.named_parameters() if n not in PAD_WEIGHT_PARAMETER_NAMES)
         report.layers.append(
             LayerParameterCount(
                 layer=ref.layer,

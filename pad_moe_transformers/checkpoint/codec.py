@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from ..core.compact import encode_compact
+from ..core.compact import encode_compact, pack_mask
 from .format import (
     FORMAT_VERSION,
     LAYOUT_MOE,
@@ -26,6 +26,9 @@ from .format import (
 )
 from .validate import PADCheckpointError
 
+COMPACT_STORAGE_SUFFIXES = ("expert_values", "static_values")
+"""The parameters of a PAD weight in compact storage (`PADWeight.compact_storage_`), stored as they are."""
+
 
 # --------------------------------------------------------------------------------------------- encoding
 def _remove_tied_weights(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
@@ -37,6 +40,11 @@ def _remove_tied_weights(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 def encode_linear(prefix: str, state_dict: Mapping[str, Tensor], layout: str) -> dict[str, Tensor]:
     """The stored tensors (by suffix) that replace the raw `expert_weight` / `static_weight` / `mask`
     of the PAD linear `prefix` in the given layout."""
+    if prefix + "expert_values" in state_dict:  # compact storage: already the stored values, only the mask to pack
+        if layout == LAYOUT_MOE:
+            raise PADCheckpointError(f"Cannot save {prefix[:-1]!r} in the 'moe' layout: it stores compact values.")
+        values = {s: state_dict[prefix + s].detach().cpu().contiguous() for s in ("static_values", "expert_values")}
+        return {"mask_packed": pack_mask(state_dict[prefix + "mask"]), **values}
     missing = [prefix + s for s in RAW_SUFFIXES if prefix + s not in state_dict]
     if missing:
         raise PADCheckpointError(f"Cannot save: the state dict lacks {missing} of the PAD linear {prefix[:-1]!r}.")
@@ -64,7 +72,7 @@ def compact_state_dict(
     out: dict[str, Tensor] = {}
     for key, tensor in state_dict.items():
         prefix = pad_prefix_of(key, linears)
-        if prefix is not None and key[len(prefix):] in RAW_SUFFIXES:
+        if prefix is not None and key[len(prefix) :] in (*RAW_SUFFIXES, *COMPACT_STORAGE_SUFFIXES):
             if prefix in encoded:
                 for name, value in encoded.pop(prefix).items():
                     out[prefix + name] = value

@@ -40,7 +40,7 @@ from .._compat import (
     set_own_experts_implementation,
 )
 from ..core.compact import decode_compact, encode_compact
-from ..core.pad_weight import PADWeight, static_from_experts
+from ..core.pad_weight import PADWeight, compact_pad_storage, static_from_experts
 from ..core.scale_factors import SCALE_FACTOR_INIT, SCALE_FACTOR_NAMES
 from ..partition.metadata import verify_partition_metadata
 from .format import (
@@ -366,6 +366,9 @@ def load_pad_checkpoint(
     model, info = base_from_pretrained(path, *model_args, config=config, output_loading_info=True, **kwargs)
 
     verify_partition_metadata(model)
+    # A partitioned model trains and runs in compact storage (only what eq. 4 reads is a parameter). Transformers'
+    # loader filled the dense tensors it was built with; they are dropped here, one layer at a time.
+    compact_pad_storage(model)
     return (model, info) if want_info else model
 
 
@@ -499,11 +502,15 @@ def initialize_pad_weight(module: PADWeight, init_dynamic: Callable[[Tensor], No
     stores no static weight), the mask is all dynamic, the scale factors at l_s = l_d = 1 and the biases zero.
     Each `transformers.initialization` call skips a tensor flagged as loaded, so loaded and upcycled tensors are
     left alone."""
-    _materialize_derived_tensors(module)
-    init_dynamic(module.expert_weight)
-    if module.expert_weight.device.type != "meta":  # no values to derive from on the meta device
-        init.copy_(module.static_weight, static_from_experts(module.expert_weight.detach()))
-    init.ones_(module.mask)
+    if module.storage == "compact":  # a partitioned layer: its mask says which entries the values are
+        init_dynamic(module.expert_values)
+        init_dynamic(module.static_values)
+    else:
+        _materialize_derived_tensors(module)
+        init_dynamic(module.expert_weight)
+        if module.expert_weight.device.type != "meta":  # no values to derive from on the meta device
+            init.copy_(module.static_weight, static_from_experts(module.expert_weight.detach()))
+        init.ones_(module.mask)
     for name in SCALE_FACTOR_INIT:
         if getattr(module, name, None) is not None:
             init.constant_(getattr(module, name), SCALE_FACTOR_INIT[name])

@@ -7,6 +7,7 @@ import os
 from torch import nn
 
 from ..core import named_pad_linears
+from ..core.pad_weight import PAD_WEIGHT_PARAMETER_NAMES
 from .format import LAYOUT_COMPACT, checkpoint_layout, packed_mask_bytes, tied_weight_keys
 
 
@@ -20,7 +21,7 @@ def theoretical_checkpoint_size(model: nn.Module) -> dict[str, int]:
     values = value_bytes = mask_bytes = 0
     for linear in (ref.module for ref in named_pad_linears(model)):
         pad_param_ids.update(id(t) for t in [*linear.parameters(recurse=False), linear.mask])
-        size = linear.expert_weight.element_size()
+        size = linear.dynamic_parameter.element_size()
         numel = linear.mask.numel()
         if layout == LAYOUT_COMPACT:
             nnz = linear.num_dynamic()
@@ -29,7 +30,7 @@ def theoretical_checkpoint_size(model: nn.Module) -> dict[str, int]:
         else:
             n = linear.num_experts * numel
         for name, p in linear.named_parameters(recurse=False):
-            if name not in ("expert_weight", "static_weight"):
+            if name not in PAD_WEIGHT_PARAMETER_NAMES:
                 values += p.numel()
                 value_bytes += p.nbytes
         values += n

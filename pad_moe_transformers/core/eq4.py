@@ -91,3 +91,100 @@ def pad_merge(dynamic: Tensor, static: Tensor, mask: Tensor, l_s: Tensor, l_d: T
     if mask.dtype == torch.bool:
         return _MergedPADWeights.apply(dynamic, static, mask, l_s, l_d)
     return l_d * mask * dynamic + (l_s * (1.0 - mask) * static).unsqueeze(0)
+
+
+# --- eq. 4 on compact storage ------------------------------------------------------------------------------------
+# A partitioned PAD weight stores only what eq. 4 reads (`PADWeight.compact_storage_`): `expert_values` `(K, D)`, the
+# dynamic entries W_k[M] of every dynamic weight in row-major order, and `static_values` `(S,)`, the static entries
+# W_static[~M]; `dynamic_index` `(D,)` / `static_index` `(S,)` are their flat positions (`M.nonzero()`,
+# `(~M).nonzero()`).
+# Eq. 4 is then a scatter: every row starts as the static term, and the dynamic entries are written over it.
+
+
+def _compact_forward(
+    expert_values: Tensor, static_values: Tensor, dynamic_index: Tensor, static_index: Tensor, l_s: Tensor, l_d: Tensor
+) -> Tensor:
+    """`(K, D)`, `(S,)` -> the flat eq. 4 weights `(K, D + S)`."""
+    num = expert_values.shape[0]
+    numel = dynamic_index.shape[0] + static_index.shape[0]
+    static_row = static_values.new_zeros(numel).index_copy_(0, static_index, static_values * l_s)
+    if torch.compiler.is_compiling():
+        return static_row.expand(num, numel).index_copy(1, dynamic_index, expert_values * l_d)
+    merged = expert_values.new_empty(num, numel)
+    for k in range(num):  # one row at a time: contiguous 1-D scatters, cache-sized temporaries
+        merged[k].copy_(static_row).index_copy_(0, dynamic_index, expert_values[k] * l_d)
+    return merged
+
+
+def _compact_backward(grad: Tensor, saved: tuple[Tensor, ...], needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """The gradients of compact eq. 4 w.r.t. ``(expert_values, static_values, dynamic_index, static_index, l_s, l_d)``:
+    the gathers of `_backward`'s masked gradients (same values, without the zeros of the entries not stored)."""
+    expert_values, static_values, dynamic_index, static_index, l_s, l_d = saved
+    flat = grad.reshape(grad.shape[0], -1)  # (K, numel)
+    grad_values = grad_static = grad_l_s = grad_l_d = None
+    if needs[0] or needs[5]:
+        dynamic_grad = flat.index_select(1, dynamic_index)  # (K, D)
+        if needs[5]:
+            grad_l_d = torch.dot(dynamic_grad.reshape(-1), expert_values.reshape(-1)).reshape(l_d.shape)
+        if needs[0]:
+            grad_values = dynamic_grad.mul_(l_d)
+    if needs[1] or needs[4]:
+        static_grad = flat.sum(dim=0).index_select(0, static_index)  # (S,)
+        if needs[4]:
+            grad_l_s = torch.dot(static_grad, static_values).reshape(l_s.shape)
+        if needs[1]:
+            grad_static = static_grad.mul_(l_s)
+    return grad_values, grad_static, None, None, grad_l_s, grad_l_d
+
+
+class _CompactPADWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, expert_values, static_values, dynamic_index, static_index, l_s, l_d):
+        ctx.save_for_backward(expert_values, static_values, dynamic_index, static_index, l_s, l_d)
+        return _compact_forward(expert_values, static_values, dynamic_index, static_index, l_s, l_d)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _compact_backward(grad, ctx.saved_tensors, ctx.needs_input_grad)
+
+
+class _StoredCompactPADWeights(torch.autograd.Function):
+    """`_StoredPADWeights` for compact storage: the stored flat value, compact eq. 4's backward."""
+
+    @staticmethod
+    def forward(ctx, stored, expert_values, static_values, dynamic_index, static_index, l_s, l_d):
+        ctx.save_for_backward(expert_values, static_values, dynamic_index, static_index, l_s, l_d)
+        return stored.view_as(stored)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (None, *_compact_backward(grad, ctx.saved_tensors, ctx.needs_input_grad[1:]))
+
+
+def pad_merge_compact(
+    expert_values: Tensor,
+    static_values: Tensor,
+    dynamic_index: Tensor,
+    static_index: Tensor,
+    l_s: Tensor,
+    l_d: Tensor,
+    shape: tuple[int, ...],
+) -> Tensor:
+    """Eq. 4 from compact storage: `expert_values` `(K, D)`, `static_values` `(S,)`, their flat positions, 0-d scale
+    factors -> the effective weights `(K, *shape)`; equal (values and gradients) to `pad_merge` of the dense tensors
+    they were taken from."""
+    merged = _CompactPADWeights.apply(expert_values, static_values, dynamic_index, static_index, l_s, l_d)
+    return merged.view(expert_values.shape[0], *shape)
+
+
+def pad_merge_compact_stored(
+    stored: Tensor,
+    expert_values: Tensor,
+    static_values: Tensor,
+    dynamic_index: Tensor,
+    static_index: Tensor,
+    l_s: Tensor,
+    l_d: Tensor,
+) -> Tensor:
+    """`pad_merge_stored` for compact storage: `stored` `(K, *shape)`, already formed and current."""
+    return _StoredCompactPADWeights.apply(stored, expert_values, static_values, dynamic_index, static_index, l_s, l_d)

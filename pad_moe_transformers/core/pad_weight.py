@@ -31,12 +31,20 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .compact import decode_compact
-from .eq4 import pad_merge, pad_merge_stored
+from .compact import unpack_mask
+from .eq4 import pad_merge, pad_merge_compact, pad_merge_compact_stored, pad_merge_stored
 from .inference import MERGE_CACHE, inference_value
 from .scale_factors import SCALE_FACTOR_NAMES, register_scale_factors, scale_factor_names, scale_factors
 
 COMPACT_SUFFIXES = ("mask_packed", "static_values", "expert_values")
+DENSE_STORAGE, COMPACT_STORAGE = "dense", "compact"
+# The parameters holding a PAD weight's weights, in either storage (the rest are scale factors and biases).
+PAD_WEIGHT_PARAMETER_NAMES = ("expert_weight", "static_weight", "expert_values", "static_values")
+_INDEX_CACHE = "_pad_index_cache"
+
+
+class CompactStorageError(AttributeError):
+    """A dense tensor (`expert_weight`, `static_weight`) was read from a PAD weight in compact storage."""
 
 
 def static_from_experts(experts: Tensor) -> Tensor:
@@ -65,9 +73,174 @@ class PADWeight(nn.Module):
         self.register_buffer("mask", torch.ones(*shape, dtype=torch.bool, device=device))
         register_scale_factors(self, scale_factor_mode, **factory)
         self.soft_mask: Tensor | None = None
+        self._pad_index_cache = None  # (mask fingerprint, dynamic_index, static_index) of `compact_index`
         self._merged = False  # `merge()`d: eq. 4 weights kept across forwards without grad
         self._pad_merge_cache = None
         self._pad_frozen_keys = None  # set by `export.frozen_pad_weights` (`core.inference.freeze`)
+
+    # --- storage -----------------------------------------------------------------------------------
+    # Dense storage (upcycled, all dynamic; and while a partition scores): `expert_weight` (K, *shape) and
+    # `static_weight` (*shape) are the parameters. Compact storage (a partitioned weight, `compact_storage_`): only
+    # what eq. 4 reads is a parameter, `expert_values` (K, D) = W_k[M] and `static_values` (S,) = W_static[~M]
+    # (row-major, as in the checkpoint format), so gradients and optimizer states are in proportion to eq. 4 too.
+    # `expert_weight` / `static_weight` (dense) and `expert_values` / `static_values` (compact) are plain module
+    # parameters, not properties: FSDP1 replaces parameters by tensor attributes with `delattr` + `setattr`, which
+    # a property would refuse. Only a missing name reaches `__getattr__`, which then says what to use instead.
+    @property
+    def storage(self) -> str:
+        """``"compact"`` when the parameters are `expert_values` / `static_values`, else ``"dense"``."""
+        return COMPACT_STORAGE if self._has_attribute("expert_values") else DENSE_STORAGE
+
+    def _has_attribute(self, name: str) -> bool:
+        # A parameter, or the tensor attribute FSDP1 puts in its place.
+        return name in self._parameters or name in self.__dict__
+
+    def __getattr__(self, name: str):
+        if name in ("expert_weight", "static_weight") and self._has_attribute("expert_values"):
+            raise CompactStorageError(
+                f"{type(self).__name__} has no {name!r}: after a partition it stores only the entries eq. 4 reads "
+                "(compact storage: `expert_values` (K, nnz(M)) and `static_values` (numel - nnz(M))). Read the dense "
+                f"tensor with `dense_{name}()` (differentiable, zeros where eq. 4 reads nothing), or convert the layer "
+                "with `dense_storage_()` (new parameters: build the optimizer after it)."
+            )
+        return super().__getattr__(name)
+
+    @property
+    def dynamic_parameter(self) -> Tensor:
+        """The parameter holding the dynamic weights (`expert_weight`, or `expert_values` in compact storage): what
+        to read the weights' dtype and device from."""
+        return self.expert_values if self.storage == COMPACT_STORAGE else self.expert_weight
+
+    def dense_expert_weight(self) -> Tensor:
+        """`(K, *shape)`: `expert_weight`, or in compact storage the stored dynamic entries in place and zeros
+        elsewhere (the tensor a partitioned dense layer holds), differentiable w.r.t. `expert_values`."""
+        if self.storage == DENSE_STORAGE:
+            return self.expert_weight
+        dynamic_index, _ = self.compact_index()
+        values = self.expert_values
+        flat = values.new_zeros(values.shape[0], self.mask.numel()).index_copy(1, dynamic_index, values)
+        return flat.view(values.shape[0], *self.mask.shape)
+
+    def dense_static_weight(self) -> Tensor:
+        """`(*shape)`: `static_weight`, or in compact storage the static entries in place and zeros elsewhere."""
+        if self.storage == DENSE_STORAGE:
+            return self.static_weight
+        _, static_index = self.compact_index()
+        values = self.static_values
+        return values.new_zeros(self.mask.numel()).index_copy(0, static_index, values).view(self.mask.shape)
+
+    def compact_index(self) -> tuple[Tensor, Tensor]:
+        """`(dynamic_index (D,), static_index (S,))`: flat positions of the mask's True and False entries, in
+        row-major order (derived from `mask`, kept until it changes). In compact storage a mask change that moves
+        entries is refused: the stored values belong to the old positions."""
+        cache = self.__dict__.get(_INDEX_CACHE)
+        if torch.compiler.is_compiling() and cache is not None:
+            return cache[1], cache[2]
+        mask = self.mask
+        key = (mask.data_ptr(), mask._version, mask.device)
+        if cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        flat = mask.reshape(-1)
+        dynamic_index = flat.nonzero().squeeze(1)
+        static_index = (~flat).nonzero().squeeze(1)
+        if self.storage == COMPACT_STORAGE:
+            stored = self.expert_values.shape[1]
+            moved = cache is not None and (
+                cache[1].shape != dynamic_index.shape or not torch.equal(cache[1].to(mask.device), dynamic_index)
+            )
+            if dynamic_index.numel() != stored or moved:
+                raise RuntimeError(
+                    f"The mask of this {type(self).__name__} changed while it stores compact values (they belong to "
+                    f"the old mask's {stored} dynamic entries). Set masks through `apply_partition` / "
+                    "`partition_model` (they convert the storage), or call `dense_storage_()` before writing the "
+                    "mask and `compact_storage_()` after."
+                )
+        self.__dict__[_INDEX_CACHE] = (key, dynamic_index, static_index)
+        return dynamic_index, static_index
+
+    @torch.no_grad()
+    def compact_storage_(self) -> PADWeight:
+        """Keep only what eq. 4 reads under the current mask: the parameters become `expert_values` `(K, nnz(M))`
+        and `static_values` `(numel - nnz(M),)` (new `nn.Parameter`s: an optimizer built before must be re-bound,
+        as `IMPTrainerCallback` does). Outputs and gradients are unchanged. Returns the layer."""
+        if self.storage == COMPACT_STORAGE:
+            return self
+        expert, static = self.expert_weight, self.static_weight
+        self.__dict__[_INDEX_CACHE] = None
+        dynamic_index, static_index = self.compact_index()
+        expert_values = expert.reshape(expert.shape[0], -1).index_select(1, dynamic_index)
+        static_values = static.reshape(-1).index_select(0, static_index)
+        self._replace_parameters(
+            {
+                "expert_weight": ("expert_values", nn.Parameter(expert_values, requires_grad=expert.requires_grad)),
+                "static_weight": ("static_values", nn.Parameter(static_values, requires_grad=static.requires_grad)),
+            }
+        )
+        return self
+
+    @torch.no_grad()
+    def dense_storage_(self) -> PADWeight:
+        """Back to `expert_weight` / `static_weight` (full size; zeros where eq. 4 reads nothing, as a partitioned
+        dense layer holds them), e.g. to write masks by hand or partition again. New parameters. Returns the layer."""
+        if self.storage == DENSE_STORAGE:
+            return self
+        expert, static = self.dense_expert_weight(), self.dense_static_weight()
+        requires_grad = (self.expert_values.requires_grad, self.static_values.requires_grad)
+        self._replace_parameters(
+            {
+                "expert_values": ("expert_weight", nn.Parameter(expert, requires_grad=requires_grad[0])),
+                "static_values": ("static_weight", nn.Parameter(static, requires_grad=requires_grad[1])),
+            }
+        )
+        return self
+
+    def _replace_parameters(self, replacements: dict[str, tuple[str, nn.Parameter]]) -> None:
+        """Swap parameters in place in `_parameters`' order: `parameters()`, `state_dict()` and the optimizer groups
+        built from them keep one order across storages (a Trainer checkpoint's optimizer state is matched by it)."""
+        self._parameters = {
+            replacements[name][0] if name in replacements else name: (
+                replacements[name][1] if name in replacements else parameter
+            )
+            for name, parameter in self._parameters.items()
+        }
+        self.__dict__[_INDEX_CACHE] = None
+        self._pad_merge_cache = None
+
+    def _set_compact_parameters(self, num_dynamic: int) -> None:
+        """Compact storage with `num_dynamic` dynamic entries per weight (empty values, to be loaded)."""
+        reference = self._parameters.get("expert_values")
+        if reference is None:
+            reference = self.expert_weight
+        factory = {"device": reference.device, "dtype": reference.dtype}
+        requires_grad = reference.requires_grad
+        numel = self.mask.numel()
+        expert = nn.Parameter(torch.empty(self.num_experts, num_dynamic, **factory), requires_grad=requires_grad)
+        static = nn.Parameter(torch.empty(numel - num_dynamic, **factory), requires_grad=requires_grad)
+        dense = self.storage == DENSE_STORAGE
+        self._replace_parameters(
+            {
+                "expert_weight" if dense else "expert_values": ("expert_values", expert),
+                "static_weight" if dense else "static_values": ("static_values", static),
+            }
+        )
+
+    def _set_dense_parameters(self) -> None:
+        reference = self.expert_values
+        factory = {"device": reference.device, "dtype": reference.dtype}
+        requires_grad = reference.requires_grad
+        shape = tuple(self.mask.shape)
+        self._replace_parameters(
+            {
+                "expert_values": (
+                    "expert_weight",
+                    nn.Parameter(torch.empty(self.num_experts, *shape, **factory), requires_grad=requires_grad),
+                ),
+                "static_values": (
+                    "static_weight",
+                    nn.Parameter(torch.empty(*shape, **factory), requires_grad=requires_grad),
+                ),
+            }
+        )
 
     # --- merged inference --------------------------------------------------------------------------
     @property
@@ -95,7 +268,10 @@ class PADWeight(nn.Module):
     def merge_sources(self) -> list[Tensor]:
         """The tensors eq. 4 reads: a merged value is served only while they are unchanged."""
         names = scale_factor_names(self.scale_factor_mode)
-        return [self.expert_weight, self.static_weight, self.mask, *(getattr(self, name) for name in names)]
+        scales = [getattr(self, name) for name in names]
+        if self.storage == COMPACT_STORAGE:
+            return [self.expert_values, self.static_values, self.mask, *scales]
+        return [self.expert_weight, self.static_weight, self.mask, *scales]
 
     # --- eq. 4 -----------------------------------------------------------------------------------
     def scale_factors(self, values: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
@@ -103,24 +279,39 @@ class PADWeight(nn.Module):
         return scale_factors(self, self.scale_factor_mode, values)
 
     def effective_weight(self, dynamic: Tensor | None = None) -> Tensor:
-        """Eq. 4: `(K, *shape)` effective weights (`dynamic` replaces `expert_weight`, e.g. a per-sample
+        """Eq. 4: `(K, *shape)` effective weights (`dynamic` replaces the dynamic weights, e.g. a per-sample
         mixture of kernels, `(B, *shape)`). Uses `soft_mask` while IMP scores, else the binary mask."""
         if dynamic is None and self.soft_mask is None:
             if self._merged and torch.is_grad_enabled() and self._pad_frozen_keys is None:
                 if not torch.compiler.is_compiling():  # merged, autograd recording (eval mode with grad)
                     with torch.no_grad():
                         stored = inference_value(self, self._merge_experts, self.merge_sources, True)
-                    l_s, l_d = self.scale_factors()  # the stored value, with eq. 4's exact gradient
-                    return pad_merge_stored(stored, self.expert_weight, self.static_weight, self.mask, l_s, l_d)
+                    return self._stored_with_gradient(stored)
             # merged, or in `merged_pad_weights()`: formed once (no grad)
             return inference_value(self, self._merge_experts, self.merge_sources, self._merged)
         l_s, l_d = self.scale_factors()
         mask = self.mask if self.soft_mask is None else self.soft_mask
-        return pad_merge(self.expert_weight if dynamic is None else dynamic, self.static_weight, mask, l_s, l_d)
+        dynamic = self.dense_expert_weight() if dynamic is None else dynamic
+        return pad_merge(dynamic, self.dense_static_weight(), mask, l_s, l_d)
 
     def _merge_experts(self) -> Tensor:
         l_s, l_d = self.scale_factors()
+        if self.storage == COMPACT_STORAGE:
+            dynamic_index, static_index = self.compact_index()
+            return pad_merge_compact(
+                self.expert_values, self.static_values, dynamic_index, static_index, l_s, l_d, tuple(self.mask.shape)
+            )
         return pad_merge(self.expert_weight, self.static_weight, self.mask, l_s, l_d)
+
+    def _stored_with_gradient(self, stored: Tensor) -> Tensor:
+        """The stored eq. 4 value, with eq. 4's exact gradient w.r.t. the parameters."""
+        l_s, l_d = self.scale_factors()
+        if self.storage == COMPACT_STORAGE:
+            dynamic_index, static_index = self.compact_index()
+            return pad_merge_compact_stored(
+                stored, self.expert_values, self.static_values, dynamic_index, static_index, l_s, l_d
+            )
+        return pad_merge_stored(stored, self.expert_weight, self.static_weight, self.mask, l_s, l_d)
 
     # --- bookkeeping read by the partition code and the reports ------------------------------------
     def num_dynamic(self) -> int:
@@ -135,32 +326,43 @@ class PADWeight(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         # Checkpoint files hold the scale factors 0-d and the weights of a partitioned model in compact form
-        # (`core.compact`); a never-partitioned model stores only the experts (the static weight is then
-        # their mean, the mask all ones). Translate to the module's own tensors, then load as usual.
+        # (`core.compact`); a never-partitioned model stores only the experts (the static weight is then their
+        # mean, the mask all ones). The layer takes the storage of what it loads: compact values (a checkpoint
+        # file's packed form, or a compact layer's own `state_dict()`) give compact storage, without a dense
+        # decode; dense tensors give dense storage. Then the tensors load as usual.
         for name in SCALE_FACTOR_NAMES:
             value, parameter = state_dict.get(prefix + name), getattr(self, name, None)
             if isinstance(parameter, nn.Parameter) and isinstance(value, Tensor) and value.dim() == 0:
                 state_dict[prefix + name] = value.reshape(parameter.shape)
-        present = [s for s in COMPACT_SUFFIXES if prefix + s in state_dict]
-        if present and len(present) < len(COMPACT_SUFFIXES):
-            lacking = [prefix + s for s in COMPACT_SUFFIXES if s not in present]
-            error_msgs.append(f"The state dict has {prefix}{present[0]} but lacks {lacking} to decode it.")
+        packed = [s for s in COMPACT_SUFFIXES if prefix + s in state_dict]
+        if packed and len(packed) < len(COMPACT_SUFFIXES) and prefix + "mask" not in state_dict:
+            lacking = [prefix + s for s in COMPACT_SUFFIXES if s not in packed]
+            error_msgs.append(f"The state dict has {prefix}{packed[0]} but lacks {lacking} to decode it.")
             return
-        if present:
-            dynamic, static, mask = decode_compact(
-                *(state_dict.pop(prefix + s) for s in COMPACT_SUFFIXES), tuple(self.mask.shape)
+        if prefix + "mask_packed" in state_dict:
+            state_dict[prefix + "mask"] = unpack_mask(state_dict.pop(prefix + "mask_packed"), self.mask.numel()).view(
+                self.mask.shape
             )
-            state_dict.update(
-                {prefix + "expert_weight": dynamic, prefix + "static_weight": static, prefix + "mask": mask}
-            )
-        elif prefix + "expert_weight" in state_dict and not any(
-            prefix + s in state_dict for s in ("static_weight", "mask")
-        ):
-            state_dict[prefix + "static_weight"] = static_from_experts(state_dict[prefix + "expert_weight"])
-            state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool)
+        if prefix + "expert_values" in state_dict:
+            values = state_dict[prefix + "expert_values"]
+            if self.storage == DENSE_STORAGE or self.expert_values.shape[1] != values.shape[-1]:
+                self._set_compact_parameters(values.shape[-1])
+            self.__dict__[_INDEX_CACHE] = None  # the loaded mask gives the positions
+        elif prefix + "expert_weight" in state_dict:
+            if self.storage == COMPACT_STORAGE:
+                self._set_dense_parameters()
+            if not any(prefix + s in state_dict for s in ("static_weight", "mask")):
+                state_dict[prefix + "static_weight"] = static_from_experts(state_dict[prefix + "expert_weight"])
+                state_dict[prefix + "mask"] = torch.ones(self.mask.shape, dtype=torch.bool)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        self.__dict__[_INDEX_CACHE] = None
+        if self.storage == COMPACT_STORAGE and int(self.mask.sum()) != self.expert_values.shape[1]:
+            error_msgs.append(
+                f"{prefix}expert_values holds {self.expert_values.shape[1]} entries per weight, but the mask loaded "
+                f"with it has {int(self.mask.sum())} dynamic entries."
+            )
 
 
 # --- model-level merged inference ----------------------------------------------------------------
@@ -191,6 +393,21 @@ def unmerge_pad_weights(model: nn.Module) -> nn.Module:
         elif MERGE_CACHE in module.__dict__:
             module.__dict__[MERGE_CACHE] = None
     return model
+
+
+def compact_pad_storage(model: nn.Module) -> list[PADWeight]:
+    """`compact_storage_()` every PAD weight of `model` whose mask has a static entry (a partitioned one; an
+    all-dynamic weight keeps its dense experts). Returns the layers converted (their parameters are new)."""
+    converted = []
+    for module in model.modules():
+        if isinstance(module, PADWeight) and module.storage == DENSE_STORAGE and not bool(module.mask.all()):
+            converted.append(module.compact_storage_())
+    return converted
+
+
+def dense_pad_storage(model: nn.Module) -> list[PADWeight]:
+    """`dense_storage_()` every PAD weight of `model` in compact storage. Returns the layers converted."""
+    return [m.dense_storage_() for m in model.modules() if isinstance(m, PADWeight) and m.storage == COMPACT_STORAGE]
 
 
 def pad_weights_merged(model: nn.Module) -> bool:

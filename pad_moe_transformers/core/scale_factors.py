@@ -59,7 +59,7 @@ def scale_factors(module: nn.Module, mode: str, values: Mapping[str, Tensor] | N
     if mode == "sum2":
         l_d = 2.0 * torch.sigmoid(scale("scale_logit"))
         return 2.0 - l_d, l_d
-    reference = module.static_weight
+    reference = module.dynamic_parameter
     one = torch.ones((), device=reference.device, dtype=reference.dtype)
     l_s = scale("lambda_static") if mode in ("static_only", "free") else one
     l_d = scale("lambda_dynamic") if mode in ("dynamic_only", "free") else one

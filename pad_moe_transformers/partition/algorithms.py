@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import logging
 
+from ..core.pad_weight import compact_pad_storage, dense_pad_storage
 from ._common import (
     agree_on_batch_count,
     broadcast_masks,
@@ -82,6 +83,7 @@ def partition_model(
     warmup_lr: float = DEFAULT_WARMUP_LR,
     progress: bool = True,
     overwrite: bool = False,
+    compact_storage: bool = True,
 ) -> PartitionResult:
     """Partition every PAD linear of `model` into dynamic and static elements, in place.
 
@@ -109,6 +111,9 @@ def partition_model(
         progress: show a tqdm bar (main process only).
         overwrite: allow re-partitioning a partitioned model. Its current masks are the start, and a
             partition only makes dynamic units static: a `dynamic_ratio` above the current one is refused.
+        compact_storage: keep only what eq. 4 reads afterwards (default; see `apply_partition`): the partitioned
+            layers get new parameters, so build the optimizer after the partition (`IMPTrainerCallback` re-binds
+            the Trainer's). False keeps the dense parameters.
 
     Returns:
         A `PartitionResult`; the model's masks, zeroed weights and `config.partition` are updated.
@@ -180,6 +185,7 @@ def partition_model(
     use_warmup = method != "random" and score == "warmup_grad" and warmup_steps > 0
     linears, layers = linears_by_name(model), layer_linears(model)
     original = {n: m.clone() for n, m in current_masks(model).items()}
+    was_compact = bool(dense_pad_storage(model))  # scoring reads and writes dense tensors (re-partition)
     # The partitioned units: elements of each linear `(out, in)`, or neurons of each MoE layer `(I,)`.
     masks = neuron_masks(model) if neuron else {n: m.clone() for n, m in original.items()}
     passes = (warmup_steps if use_warmup else 0) + (0 if method == "random" else rounds * len(batches))
@@ -225,9 +231,11 @@ def partition_model(
             "world_size": world_size(),
         }
         final = linear_masks_of_neurons(model, masks) if neuron else masks
-        ratios = apply_partition(model, final, metadata)
+        ratios = apply_partition(model, final, metadata, compact_storage=compact_storage)
     except BaseException:
         write_masks(model, original)
+        if was_compact and as_bool("compact_storage", compact_storage):
+            compact_pad_storage(model)
         raise
     finally:
         bar.close()

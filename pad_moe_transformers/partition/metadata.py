@@ -168,7 +168,7 @@ def verify_partition_metadata(model: nn.Module) -> None:
         dynamic_ratio=getattr(config, "dynamic_ratio", None),
     )
     if isinstance(partition, dict) and partition.get("method") == "moe_p" and "kept_expert_entries" in partition:
-        nonzero = sum(int((ref.module.expert_weight != 0).sum()) for ref in refs)
+        nonzero = sum(int((ref.module.dense_expert_weight() != 0).sum()) for ref in refs)
         if nonzero > int(partition["kept_expert_entries"]):
             raise ValueError(
                 f"config.partition records a MoE-P model with {partition['kept_expert_entries']} kept expert entries, "

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import logging
 
+from ..core.pad_weight import compact_pad_storage, dense_pad_storage
 from ..pad_linear import PADExpertLinear
 from ._common import (
     broadcast_masks,
@@ -35,6 +36,7 @@ from ._common import (
 )
 from .batches import Batch, check_batches
 from .metadata import check_partition_metadata, summarize_masks, verify_partition_metadata
+from .options import as_bool
 from .result import PartitionResult
 from .scores import expert_weight_gradients
 from .units import layer_linears, linears_by_name, neuron_masks_of
@@ -43,7 +45,11 @@ logger = logging.get_logger(__name__)
 
 
 def apply_partition(
-    model: nn.Module, masks: dict[str, Tensor], metadata: dict[str, Any] | None = None
+    model: nn.Module,
+    masks: dict[str, Tensor],
+    metadata: dict[str, Any] | None = None,
+    *,
+    compact_storage: bool = True,
 ) -> dict[str, float]:
     """Set the masks, zero the unused expert/static entries and store the metadata in `config.partition`.
 
@@ -56,6 +62,10 @@ def apply_partition(
             masks themselves (`metadata.summarize_masks`: granularity, achieved ratios per linear, and per
             layer in neurons) are added. `config.dynamic_ratio` is set to ``metadata["target_dynamic_ratio"]``
             if given.
+        compact_storage: afterwards keep only what eq. 4 reads (`PADWeight.compact_storage_`: the partitioned
+            layers get new, smaller parameters; build the optimizer after, or re-bind it as `IMPTrainerCallback`
+            does). False keeps the dense parameters (same outputs and gradients, 1 + 1/K times the trainable
+            entries of the plain MoE), e.g. under DDP, whose reducer holds the parameters it was built with.
 
     Returns:
         The achieved dynamic ratio per linear.
@@ -88,6 +98,7 @@ def apply_partition(
     target = meta.get("target_dynamic_ratio")
     dynamic_ratio = float(target) if target is not None else getattr(model.config, "dynamic_ratio", None)
     check_partition_metadata(meta, masks, granularity=granularity, dynamic_ratio=dynamic_ratio)
+    dense_pad_storage(model)  # the masks change: from dense storage (compact values belong to the old masks)
     with torch.no_grad():
         for name, linear in linears.items():
             linear.mask.copy_(masks[name])
@@ -104,6 +115,8 @@ def apply_partition(
     if target is not None:
         model.config.dynamic_ratio = float(target)
     verify_partition_metadata(model)
+    if as_bool("compact_storage", compact_storage):
+        compact_pad_storage(model)
     return dict(meta["achieved_dynamic_ratio"])
 
 

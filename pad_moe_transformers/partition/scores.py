@@ -76,12 +76,13 @@ def mask_direction(linear: PADExpertLinear, expert: int | None = None) -> Tensor
     multiply exactly (no rounding). It is exactly zero where the expert equals the scaled static weight.
     """
     saved = linear.soft_mask
-    dynamic = None if expert is None else linear.expert_weight[expert : expert + 1]
+    dtype = linear.dynamic_parameter.dtype
     try:
         with torch.no_grad():
-            linear.soft_mask = torch.ones_like(linear.static_weight)
+            dynamic = None if expert is None else linear.dense_expert_weight()[expert : expert + 1]
+            linear.soft_mask = torch.ones_like(linear.mask, dtype=dtype)
             ones = linear.effective_weight(dynamic)
-            linear.soft_mask = torch.zeros_like(linear.static_weight)
+            linear.soft_mask = torch.zeros_like(linear.mask, dtype=dtype)
             return ones.sub_(linear.effective_weight(dynamic))
     finally:
         linear.soft_mask = saved
@@ -97,7 +98,7 @@ def soft_masks(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     relaxed = {}
     try:
         for name, linear in linears.items():
-            relaxed[name] = linear.mask.to(linear.static_weight.dtype).requires_grad_(True)
+            relaxed[name] = linear.mask.to(linear.dynamic_parameter.dtype).requires_grad_(True)
             linear.soft_mask = relaxed[name]
         yield relaxed
     finally:
@@ -178,7 +179,7 @@ def neuron_mask_gradients(
     # Only fc_in's bias is switched by the neuron mask (fc_out's output units are the hidden size).
     biased = [n for n, fc_in in fc_ins.items() if fc_in.expert_bias is not None and fc_in.static_bias is not None]
     bias_params = [fc_ins[n].expert_bias for n in biased]
-    grads = {name: _accumulator(fc_in.static_weight[:, 0]) for name, fc_in in fc_ins.items()}
+    grads = {name: _accumulator(fc_in.dense_static_weight()[:, 0]) for name, fc_in in fc_ins.items()}
     dtype = next(iter(grads.values())).dtype if grads else torch.float32
     neuron_masks(model)  # raises for masks that are not neuron-structured
     with scoring_mode(model), element_path(model), soft_masks(model) as relaxed, only_requires_grad(model, bias_params):

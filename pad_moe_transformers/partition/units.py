@@ -90,8 +90,10 @@ def current_masks(model: nn.Module) -> dict[str, Tensor]:
 
 
 def write_masks(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    """Copy `{short_name: bool mask}` into the model's mask buffers (only the masks, no weights)."""
+    """Copy `{short_name: bool mask}` into the model's mask buffers (only the masks, no weights). A layer in compact
+    storage goes back to dense storage first (its stored values belong to its old mask)."""
     linears = linears_by_name(model)
     with torch.no_grad():
         for name, mask in masks.items():
+            linears[name].dense_storage_()
             linears[name].mask.copy_(mask.to(device=linears[name].mask.device, dtype=torch.bool))

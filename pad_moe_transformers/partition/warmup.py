@@ -151,7 +151,7 @@ def perturb_experts(model: nn.Module, relative_std: float = 0.01, seed: int = 0)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for linear in linears_by_name(model).values():
-            weight = linear.expert_weight
-            std = float(linear.static_weight.float().std()) * relative_std
+            weight = linear.dynamic_parameter  # the dense experts, or the stored dynamic entries (compact storage)
+            std = float(linear.dense_static_weight().float().std()) * relative_std
             noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * std
             weight.add_(noise.to(device=weight.device, dtype=weight.dtype))

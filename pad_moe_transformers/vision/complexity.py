@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.pad_weight import PADWeight
+from ..core.pad_weight import PAD_WEIGHT_PARAMETER_NAMES, PADWeight
 from ..core.scale_factors import SCALE_FACTOR_NAMES
 
 __all__ = ["FlopCount", "ParameterCount", "count_flops", "count_parameters"]
@@ -91,9 +91,9 @@ def count_parameters(model: nn.Module) -> ParameterCount:
                 continue
             seen.add(id(parameter))
             n = parameter.numel()
-            if isinstance(module, PADWeight) and pname in ("expert_weight", "static_weight"):
+            if isinstance(module, PADWeight) and pname in PAD_WEIGHT_PARAMETER_NAMES:
                 nnz = module.num_dynamic()
-                if pname == "expert_weight":
+                if pname in ("expert_weight", "expert_values"):
                     count.dynamic += module.num_experts * nnz
                     count.layers[name] = {
                         "dynamic": module.num_experts * nnz,
