@@ -163,7 +163,8 @@ def fsdp_checks(out_dir: str, rank: int) -> dict:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     linear = linears_by_name(model)["layer.0.fc_in"]
-    result["expert_weight_local_shape"] = list(linear.expert_weight.to_local().shape)
+    result["storage"] = linear.storage  # a partition leaves compact storage: FSDP shards the compact values
+    result["dynamic_local_shape"] = list(linear.dynamic_parameter.to_local().shape)
     result["scale_logit_shape"] = list(linear.scale_logit.shape)
     result["mask_shape"] = list(linear.mask.shape)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)

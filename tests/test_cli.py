@@ -114,7 +114,7 @@ def test_convert_regression_neuron_random(dense, glue, tmp_path, capsys):
     assert model.config.num_labels == 1 and model.config.partition_granularity == "neuron"
     assert model.config.scale_factor_mode == "free"
     assert model.config.partition["neuron_dynamic_ratio_total"] == pytest.approx(0.25)
-    assert model.moe_layers[0].fc_in.expert_weight.dtype == torch.bfloat16
+    assert model.moe_layers[0].fc_in.expert_values.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------ inspect

@@ -164,7 +164,7 @@ def test_bfloat16_loading_keeps_the_router_fp32(checkpoints):
     pad = AutoModelForSequenceClassification.from_pretrained(checkpoints["pad"], dtype=torch.bfloat16)
     assert bert.classifier.weight.dtype == pad.model.classifier.weight.dtype == torch.bfloat16
     assert all(moe.router.weight.dtype == torch.float32 for moe in pad.moe_layers)
-    assert all(moe.fc_in.expert_weight.dtype == torch.bfloat16 for moe in pad.moe_layers)
+    assert all(moe.fc_in.dynamic_parameter.dtype == torch.bfloat16 for moe in pad.moe_layers)
     assert pad(**random_batch()).logits.dtype == torch.bfloat16
 
 

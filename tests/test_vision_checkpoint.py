@@ -94,10 +94,11 @@ def test_base_and_head_classes_load_each_others_checkpoints(tmp_path):
     names = {r.short_name: r.module for r in pmt.core.named_pad_weights(base)}
     for ref in pmt.core.named_pad_weights(head):
         assert torch.equal(names[ref.short_name].mask, ref.module.mask)
-        assert torch.equal(names[ref.short_name].expert_weight, ref.module.expert_weight)
+        assert names[ref.short_name].storage == ref.module.storage == "compact"
+        assert torch.equal(names[ref.short_name].expert_values, ref.module.expert_values)
     base.save_pretrained(tmp_path / "base")
     again = AutoModelForImageClassification.from_pretrained(tmp_path / "base", num_labels=3)
-    assert torch.equal(again.pad_convs[0].static_weight, head.pad_convs[0].static_weight)
+    assert torch.equal(again.pad_convs[0].static_values, head.pad_convs[0].static_values)
 
 
 def test_wrong_kernel_count_is_refused(tmp_path):

@@ -43,11 +43,14 @@ def test_partition_sets_masks_and_metadata(scratch, method):
     assert list(result.masks) == names and "encoder.stages.0.layers.0.layer.0.convolution" in names
     for conv, (name, ratio) in zip(model.pad_convs, result.dynamic_ratios.items()):
         assert abs(ratio - 0.3) <= 1 / conv.mask.numel() and torch.equal(conv.mask, result.masks[name])
-        assert bool((conv.expert_weight[:, ~conv.mask] == 0).all()) and bool((conv.static_weight[conv.mask] == 0).all())
+        assert conv.storage == "compact" and conv.expert_values.shape[1] == int(conv.mask.sum())
+        expert, static = conv.dense_expert_weight(), conv.dense_static_weight()
+        assert bool((expert[:, ~conv.mask] == 0).all()) and bool((static[conv.mask] == 0).all())
     assert model.config.partition["method"] == method and model.config.is_partitioned
     pmt.partition.verify_partition_metadata(model)
     # training after the partition: entries eq. 4 does not read get no gradient
     model.train()
+    pmt.dense_pad_storage(model)  # dense storage: the entries eq. 4 does not read are there, with zero gradient
     model(**batches(5, n=1)[0]).loss.backward()
     conv = model.pad_convs[1]
     assert bool((conv.expert_weight.grad[:, ~conv.mask] == 0).all())
@@ -81,7 +84,7 @@ def test_upcycled_model_partitions_after_the_warmup(tmp_path):
     result = pmt.partition_model(model, batches(0, n=2), method="imp", progress=False)
     assert result.metadata["warmup_steps"] == 2
     for conv, weight in zip(model.pad_convs, before):  # the warm-up is undone: only the post-processing zeros
-        assert torch.equal(conv.expert_weight, weight * conv.mask)
+        assert torch.equal(conv.dense_expert_weight(), weight * conv.mask)
 
 
 def test_mobilenet_v2_depthwise_convs_partition():
