@@ -12,6 +12,7 @@ and on one BERT-base-sized layer (hidden 768, FFN 3072):
 - peak resident memory of a process that builds the model and runs 2 training steps;
 - each in fp32 and under bf16 autocast (where the CPU has native bf16), and the layers also
   compiled (`torch.compile`, inductor) when `--compile` is given.
+PAD kinds have the storage a partition leaves (compact: only what eq. 4 reads is a parameter).
 Kinds: ``dense`` FFN; ``moe`` (the PAD layer with raw expert weights: no eq. 4, no scale factors, so the
 ratio isolates what PAD adds); ``pad`` (element-wise, the paper); ``pad_neuron`` (neuron-structured);
 ``hf_moe`` (Transformers' own `use_experts_implementation` experts on the same shapes and routing, run by
@@ -161,6 +162,7 @@ def make_ffn(kind: str, hidden: int, inter: int, kappa: float = 0.5) -> nn.Modul
         partition_granularity=_granularity(kind), config=config,
     )  # fmt: skip
     _partition(kind, moe, kappa, seed=0)
+    pmt.compact_pad_storage(moe)  # the storage a partition leaves (all-dynamic masks stay dense)
     return moe
 
 
@@ -173,6 +175,7 @@ def make_model(kind: str, kappa: float = 0.5) -> nn.Module:
     model.set_experts_implementation(_split(kind)[1])
     for index, moe in enumerate(model.moe_layers):
         _partition(kind, moe, kappa, seed=index)
+    pmt.compact_pad_storage(model)  # the storage a partition leaves (all-dynamic masks stay dense)
     return model
 
 

@@ -108,12 +108,7 @@ def _compact_forward(
     num = expert_values.shape[0]
     numel = dynamic_index.shape[0] + static_index.shape[0]
     static_row = static_values.new_zeros(numel).index_copy_(0, static_index, static_values * l_s)
-    if torch.compiler.is_compiling():
-        return static_row.expand(num, numel).index_copy(1, dynamic_index, expert_values * l_d)
-    merged = expert_values.new_empty(num, numel)
-    for k in range(num):  # one row at a time: contiguous 1-D scatters, cache-sized temporaries
-        merged[k].copy_(static_row).index_copy_(0, dynamic_index, expert_values[k] * l_d)
-    return merged
+    return static_row.expand(num, numel).index_copy(1, dynamic_index, expert_values * l_d)
 
 
 def _compact_backward(grad: Tensor, saved: tuple[Tensor, ...], needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
