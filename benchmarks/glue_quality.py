@@ -8,6 +8,8 @@ MiniLM, over paired seeds with confidence intervals: one command per table of th
     python benchmarks/glue_quality.py --table 3          # kappa 0.1/0.3/0.5/0.7 (STS-B)
     python benchmarks/glue_quality.py --table 4          # scale-factor modes (STS-B)
     python benchmarks/glue_quality.py --table heldout    # SST-2 from the hub (online only)
+    python benchmarks/glue_quality.py --table wholerun --tasks stsb --seeds 42 --parallel 1 --rerun \
+        --out benchmarks/results/glue_wholerun_stsb     # whole-run cost, one run at a time (issue 27)
     python benchmarks/glue_quality.py --table 1 --smoke  # the whole pipeline on a tiny model, in seconds
 
 Protocol (every table): full training sets (`--max_train_samples` for subsets), lr 1e-4, batch 32, max
@@ -115,7 +117,7 @@ def run_settings(table: Table, task: str, variant: str, seed: int, args: argpars
 def run_argv(settings: dict, output_dir: Path) -> list[str]:
     """The `examples/run_glue.py` arguments of one run (paths relative to the repository root)."""
     argv = ["--task_name", settings["task"], "--mode", settings["mode"]]
-    for key in ("dynamic_ratio", "partition", "scale_factor_mode"):
+    for key in ("dynamic_ratio", "partition", "scale_factor_mode", "partition_granularity"):
         if key in settings:
             argv += [f"--{key}", str(settings[key])]
     if settings["data"]:

@@ -107,10 +107,13 @@ class PADMoEFeedForward(nn.Module):
         return y.reshape(shape)
 
     def expert_weights(self) -> ExpertWeights:
-        """The experts of the element form for this forward: eq. 4 weights `(E, I, H)` / `(E, H, I)` and biases."""
+        """The experts of the element form for this forward: eq. 4 weights `(E, I, H)` / `(E, H, I)` and biases.
+        Under autocast the experts run in its dtype (`ExpertWeights.to_autocast_dtype`): eq. 4 is asked for in it."""
+        device_type = self.fc_in.mask.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         return ExpertWeights(
-            self.fc_in.effective_weight(),
-            self.fc_out.effective_weight(),
+            self.fc_in.effective_weight(dtype=dtype),
+            self.fc_out.effective_weight(dtype=dtype),
             self.fc_in.effective_bias(),
             self.fc_out.effective_bias(),
             self.activation,

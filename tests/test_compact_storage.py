@@ -307,3 +307,31 @@ def test_training_step_peak_memory_follows_the_stored_entries(tmp_path):
     # At kappa 0.1 the dense layout keeps most of its PAD weights, their gradients and both moments for nothing:
     # the saving exceeds one whole copy of the dense PAD weights (measured: 462 kB dense, 386 kB compact, 41 kB).
     assert peaks[True] < peaks[False] - pad_bytes, (peaks, pad_bytes)
+
+
+@pytest.mark.parametrize("granularity", ["element", "neuron"])
+def test_bf16_autocast_forms_eq4_in_bf16_with_the_same_values(granularity):
+    """Under autocast a compact layer forms eq. 4 in bf16 directly (no fp32 weights written, then cast): the same
+    bf16 weights as the dense layout's fp32 eq. 4 cast to bf16, so the same outputs; the gradients differ at most
+    by the order of the fp32 sum over the experts (the static term's)."""
+    dense = _partitioned(granularity, compact=False)
+    compact = _partitioned(granularity, compact=True)
+    batch = _batches(n=1)[0]
+    losses = []
+    for model in (dense, compact):
+        model.train()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    expected, got = _grads(dense), _grads(compact)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    if granularity == "element":
+        linear = next(m for m in _pad_weights(compact) if isinstance(m, PADExpertLinear))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert linear.effective_weight(dtype=torch.bfloat16).dtype == torch.bfloat16
+            with torch.no_grad():  # not training: the stored / full-precision weights
+                assert linear.effective_weight(dtype=torch.bfloat16).dtype == torch.float32

@@ -214,3 +214,42 @@ def test_forward_and_backward_trace_as_one_graph(dense_dir):
         torch.testing.assert_close(grads[name], grads_eager[name], atol=1e-5, rtol=1e-4, msg=name)
     real_slots = int(_padded_batch()["attention_mask"].sum()) * 2  # top-2: each real token counted twice
     assert [sum(row) for row in model.expert_usage().values()] == [real_slots, real_slots]
+
+
+def test_bucketed_rows_are_few_and_close_above():
+    from pad_moe_transformers.experts import bucketed_rows
+
+    buckets = [bucketed_rows(n) for n in range(1, 8193)]
+    assert all(b >= n for n, b in zip(range(1, 8193), buckets))
+    assert all(b <= n * 1.125 + 1e-9 for n, b in zip(range(1, 8193), buckets) if n > 256)
+    assert len(set(buckets)) <= 80  # vs 8192 distinct row counts: oneDNN's kernel cache holds them all
+
+
+def test_bf16_eager_experts_pad_rows_without_changing_the_result():
+    """bf16 on the CPU: each expert's rows are zero-padded to a bucketed count (oneDNN compiles a kernel per shape);
+    outputs and gradients equal the unpadded computation's (the zero rows are dropped and add nothing)."""
+    from pad_moe_transformers import experts as experts_module
+
+    torch.manual_seed(0)
+    num_experts, hidden, inter, tokens = 4, 16, 32, 37
+    weights = [torch.randn(num_experts, inter, hidden), torch.randn(num_experts, hidden, inter)]
+    biases = [torch.randn(num_experts, inter), torch.randn(num_experts, hidden)]
+    x = torch.randn(tokens, hidden)
+    index = torch.randint(0, num_experts, (tokens, 2))
+    gates = torch.rand(tokens, 2)
+    results = []
+    for pad in (True, False):
+        params = [t.clone().to(torch.bfloat16).requires_grad_() for t in (*weights, *biases)]
+        inputs = x.to(torch.bfloat16).requires_grad_()
+        experts = ExpertWeights(params[0], params[1], params[2], params[3], nn.GELU())
+        original = experts_module._pads_rows
+        experts_module._pads_rows = lambda *_, pad=pad: pad
+        try:
+            y = experts_module.eager_experts_forward(experts, inputs, index, gates)
+        finally:
+            experts_module._pads_rows = original
+        y.float().square().sum().backward()
+        results.append([y.detach(), inputs.grad, *(p.grad for p in params)])
+    assert experts_module._pads_rows(ExpertWeights(*(t.bfloat16() for t in (*weights, *biases)), nn.GELU()), x)
+    for padded, plain in zip(*results):
+        torch.testing.assert_close(padded.float(), plain.float(), rtol=1e-2, atol=1e-2)

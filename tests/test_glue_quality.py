@@ -149,3 +149,17 @@ def test_finished_runs_are_reused_from_reports(tmp_path):
     assert json.loads(written.read_text()) == record  # written back: found without the reports next time
     assert glue_quality.finished_run(settings, work) == record
     assert glue_quality.finished_run({**settings, "epochs": 10.0}, work, reported) is None
+
+
+def test_wholerun_table_passes_every_variant_setting_to_run_glue(tmp_path):
+    """The whole-run table's variants reach `examples/run_glue.py` (kappa, and the neuron granularity)."""
+    from glue_tables import get_table
+
+    table = get_table("wholerun")
+    assert set(table.variants) == {"static", "moe", "pad", "pad_k0.1", "pad_neuron_k0.3"}
+    settings = {"task": "stsb", **table.variants["pad_neuron_k0.3"], "seed": 42, "data_seed": 42, "epochs": 3.0,
+                "learning_rate": 1e-4, "batch_size": 32, "max_train_samples": 0, "max_steps": 0, "precision": [],
+                "model": "default (packaged MiniLM)", "data": "../shared/data/glue", "extra": []}  # fmt: skip
+    argv = glue_quality.run_argv(settings, tmp_path)
+    assert argv[argv.index("--partition_granularity") + 1] == "neuron"
+    assert argv[argv.index("--dynamic_ratio") + 1] == "0.3"

@@ -102,29 +102,41 @@ def pad_merge(dynamic: Tensor, static: Tensor, mask: Tensor, l_s: Tensor, l_d: T
 
 
 def _compact_forward(
-    expert_values: Tensor, static_values: Tensor, dynamic_index: Tensor, static_index: Tensor, l_s: Tensor, l_d: Tensor
+    expert_values: Tensor,
+    static_values: Tensor,
+    dynamic_index: Tensor,
+    static_index: Tensor,
+    l_s: Tensor,
+    l_d: Tensor,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """`(K, D)`, `(S,)` -> the flat eq. 4 weights `(K, D + S)`."""
+    """`(K, D)`, `(S,)` -> the flat eq. 4 weights `(K, D + S)`, in `out_dtype` if given: the terms are formed in the
+    parameters' dtype and rounded once, so the values equal eq. 4's cast to `out_dtype`, without the pass that would
+    write the full-precision weights and the pass that would cast them."""
     num = expert_values.shape[0]
     numel = dynamic_index.shape[0] + static_index.shape[0]
-    static_row = static_values.new_zeros(numel).index_copy_(0, static_index, static_values * l_s)
-    return static_row.expand(num, numel).index_copy(1, dynamic_index, expert_values * l_d)
+    static_term, dynamic_term = static_values * l_s, expert_values * l_d
+    if out_dtype is not None:
+        static_term, dynamic_term = static_term.to(out_dtype), dynamic_term.to(out_dtype)
+    static_row = static_term.new_zeros(numel).index_copy_(0, static_index, static_term)
+    return static_row.expand(num, numel).index_copy(1, dynamic_index, dynamic_term)
 
 
 def _compact_backward(grad: Tensor, saved: tuple[Tensor, ...], needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
     """The gradients of compact eq. 4 w.r.t. ``(expert_values, static_values, dynamic_index, static_index, l_s, l_d)``:
     the gathers of `_backward`'s masked gradients (same values, without the zeros of the entries not stored)."""
     expert_values, static_values, dynamic_index, static_index, l_s, l_d = saved
-    flat = grad.reshape(grad.shape[0], -1)  # (K, numel)
+    flat = grad.reshape(grad.shape[0], -1)  # (K, numel), in the dtype the weights were formed in
+    dtype = expert_values.dtype  # the gradients are in the parameters' dtype (gathered first: fewer entries to cast)
     grad_values = grad_static = grad_l_s = grad_l_d = None
     if needs[0] or needs[5]:
-        dynamic_grad = flat.index_select(1, dynamic_index)  # (K, D)
+        dynamic_grad = flat.index_select(1, dynamic_index).to(dtype)  # (K, D)
         if needs[5]:
             grad_l_d = torch.dot(dynamic_grad.reshape(-1), expert_values.reshape(-1)).reshape(l_d.shape)
         if needs[0]:
             grad_values = dynamic_grad.mul_(l_d)
     if needs[1] or needs[4]:
-        static_grad = flat.sum(dim=0).index_select(0, static_index)  # (S,)
+        static_grad = flat.sum(dim=0, dtype=dtype).index_select(0, static_index)  # (S,)
         if needs[4]:
             grad_l_s = torch.dot(static_grad, static_values).reshape(l_s.shape)
         if needs[1]:
@@ -134,13 +146,13 @@ def _compact_backward(grad: Tensor, saved: tuple[Tensor, ...], needs: tuple[bool
 
 class _CompactPADWeights(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, expert_values, static_values, dynamic_index, static_index, l_s, l_d):
+    def forward(ctx, expert_values, static_values, dynamic_index, static_index, l_s, l_d, out_dtype=None):
         ctx.save_for_backward(expert_values, static_values, dynamic_index, static_index, l_s, l_d)
-        return _compact_forward(expert_values, static_values, dynamic_index, static_index, l_s, l_d)
+        return _compact_forward(expert_values, static_values, dynamic_index, static_index, l_s, l_d, out_dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return _compact_backward(grad, ctx.saved_tensors, ctx.needs_input_grad)
+        return (*_compact_backward(grad, ctx.saved_tensors, ctx.needs_input_grad), None)
 
 
 class _StoredCompactPADWeights(torch.autograd.Function):
@@ -164,11 +176,13 @@ def pad_merge_compact(
     l_s: Tensor,
     l_d: Tensor,
     shape: tuple[int, ...],
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Eq. 4 from compact storage: `expert_values` `(K, D)`, `static_values` `(S,)`, their flat positions, 0-d scale
     factors -> the effective weights `(K, *shape)`; equal (values and gradients) to `pad_merge` of the dense tensors
-    they were taken from."""
-    merged = _CompactPADWeights.apply(expert_values, static_values, dynamic_index, static_index, l_s, l_d)
+    they were taken from. `out_dtype` (e.g. the autocast dtype the caller casts to): formed directly in it, equal to
+    the full-precision weights cast to it."""
+    merged = _CompactPADWeights.apply(expert_values, static_values, dynamic_index, static_index, l_s, l_d, out_dtype)
     return merged.view(expert_values.shape[0], *shape)
 
 

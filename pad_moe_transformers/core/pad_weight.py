@@ -278,10 +278,14 @@ class PADWeight(nn.Module):
         """`(l_s, l_d)` as 0-d tensors; `values` replaces the module's own (e.g. from a full state dict)."""
         return scale_factors(self, self.scale_factor_mode, values)
 
-    def effective_weight(self, dynamic: Tensor | None = None) -> Tensor:
+    def effective_weight(self, dynamic: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """Eq. 4: `(K, *shape)` effective weights (`dynamic` replaces the dynamic weights, e.g. a per-sample
-        mixture of kernels, `(B, *shape)`). Uses `soft_mask` while IMP scores, else the binary mask."""
+        mixture of kernels, `(B, *shape)`). Uses `soft_mask` while IMP scores, else the binary mask. `dtype`: the
+        dtype the caller will cast the weights to (the autocast dtype); a compact layer that forms eq. 4 in this
+        forward forms it in that dtype directly (the same values), others return their own dtype."""
         if dynamic is None and self.soft_mask is None:
+            if dtype is not None and not self._merged and torch.is_grad_enabled() and self.storage == COMPACT_STORAGE:
+                return self._merge_experts(dtype)  # training: formed in every forward anyway
             if self._merged and torch.is_grad_enabled() and self._pad_frozen_keys is None:
                 if not torch.compiler.is_compiling():  # merged, autograd recording (eval mode with grad)
                     with torch.no_grad():
@@ -294,12 +298,19 @@ class PADWeight(nn.Module):
         dynamic = self.dense_expert_weight() if dynamic is None else dynamic
         return pad_merge(dynamic, self.dense_static_weight(), mask, l_s, l_d)
 
-    def _merge_experts(self) -> Tensor:
+    def _merge_experts(self, dtype: torch.dtype | None = None) -> Tensor:
         l_s, l_d = self.scale_factors()
         if self.storage == COMPACT_STORAGE:
             dynamic_index, static_index = self.compact_index()
             return pad_merge_compact(
-                self.expert_values, self.static_values, dynamic_index, static_index, l_s, l_d, tuple(self.mask.shape)
+                self.expert_values,
+                self.static_values,
+                dynamic_index,
+                static_index,
+                l_s,
+                l_d,
+                tuple(self.mask.shape),
+                None if dtype == self.expert_values.dtype else dtype,
             )
         return pad_merge(self.expert_weight, self.static_weight, self.mask, l_s, l_d)
 
