@@ -1,6 +1,8 @@
-"""Markdown tables from `results/speed.json` (written by speed.py): ratios to the plain MoE, and the issue's targets.
+"""Markdown tables from `results/speed.json` (written by speed.py): ratios to the plain MoE, and the issue's targets;
+and from `results/train_cost.json` (written by train_cost.py): parameters, peak memory and step time per kind.
 
     python benchmarks/speed_tables.py [--speed benchmarks/results/speed.json]   # -> results/speed.md
+                                      [--train_cost benchmarks/results/train_cost.json]  # -> results/train_cost.md
 
 README and docs/benchmarks.md quote these tables; regenerate them after every speed run.
 """
@@ -88,10 +90,80 @@ def targets(report: dict) -> list[str]:
     return ["| target | measured | target | met |", "|---|---:|---:|---|", *rows]
 
 
+TRAIN_COST_KINDS = ("dense", "moe", "pad_k0.5", "pad_k0.1", "pad_neuron_k0.5", "pad_neuron_k0.3", "pad_neuron_k0.1")
+# Issue 27's targets on `train_cost.json`: (metric, kind, section prefix, limit) as ratios to the MoE.
+TRAIN_COST_TARGETS = (
+    ("peak_train_bytes", "pad_k0.5", "", 0.75),
+    ("peak_train_bytes", "pad_k0.1", "", 0.55),
+    ("train_step_s", "pad_k0.5", "seq32_", 1.0),
+    ("train_step_s", "pad_k0.5", "seq128_", 1.1),
+)
+
+
+def train_cost_tables(report: dict) -> list[str]:
+    """One table per (length, precision): parameters, peak memory and step time with their ratios; then the targets."""
+    setup = report["setup"]
+    lines = [
+        f"# Training cost per kind (commit {setup['commit']}, torch {report['machine']['torch']}, transformers "
+        f"{report['machine']['transformers']}, {report['machine']['cpus']} CPUs, {setup.get('threads')} threads)",
+        "",
+        f"{setup['model']}, batch {setup['batch']}, {setup['num_experts']} experts top-{setup['num_experts_per_tok']}, "
+        f"experts backend {setup['experts_implementation']}, PAD storage {setup['pad_storage']}, optimizer "
+        f"{setup['optimizer']}. Time: {setup['timing']}. Memory: {setup['memory']}.",
+        "",
+    ]
+    sections = [k for k in report if k.startswith("seq")]
+    for section in sections:
+        rows = report[section]["rows"]
+        moe, dense = rows.get("moe", {}), rows.get("dense", {})
+
+        def ratio(row: dict, metric: str, base: dict) -> str:
+            return f"{row[metric] / base[metric]:.2f}" if metric in row and base.get(metric) else ""
+
+        lines += [
+            f"## Batch 32 x {section.split('_')[0][3:]} tokens, {section.split('_')[1]}",
+            "",
+            "| kind | trainable params | vs MoE | peak memory (MiB) | vs MoE | vs dense | step (ms) | vs MoE "
+            "| vs dense |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for kind in (k for k in TRAIN_COST_KINDS if k in rows):
+            row = rows[kind]
+            params = f"{row['trainable_parameters'] / 1e6:.1f}M" if "trainable_parameters" in row else ""
+            memory = f"{row['peak_train_bytes'] / 2**20:.0f}" if "peak_train_bytes" in row else ""
+            step = f"{1e3 * row['train_step_s']:.0f}" if "train_step_s" in row else ""
+            lines.append(
+                f"| {kind} | {params} | {ratio(row, 'trainable_parameters', moe)} | {memory} | "
+                f"{ratio(row, 'peak_train_bytes', moe)} | {ratio(row, 'peak_train_bytes', dense)} | {step} | "
+                f"{ratio(row, 'train_step_s', moe)} | {ratio(row, 'train_step_s', dense)} |"
+            )
+        lines.append("")
+    lines += [
+        "`trainable params` counts parameters with `requires_grad`: the MoE's include the 7.1M static weights of its",
+        "all-dynamic PAD layers, which eq. 4 never reads (they get no gradient and no optimizer state: 72.4M are",
+        "trained).",
+        "",
+    ]
+    lines += ["## Targets (issue 27, ratios to the MoE)", "", "| target | measured | limit | met |"]
+    lines.append("|---|---:|---:|---|")
+    for metric, kind, prefix, limit in TRAIN_COST_TARGETS:
+        for section in (s for s in sections if s.startswith(prefix)):
+            value = report[section]["ratios"].get(metric, {}).get(f"{kind}_vs_moe")
+            if value is not None:
+                met = "yes" if value <= limit else "**no**"
+                lines.append(f"| {kind} {metric} ({section}) | {value:.2f} | <= {limit:.2f} | {met} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--speed", default=str(Path(__file__).parent / "results" / "speed.json"))
+    parser.add_argument("--train_cost", default=str(Path(__file__).parent / "results" / "train_cost.json"))
     args = parser.parse_args()
+    if Path(args.train_cost).exists():
+        cost = train_cost_tables(json.loads(Path(args.train_cost).read_text()))
+        Path(args.train_cost).with_suffix(".md").write_text("\n".join(cost) + "\n")
+        print("\n".join(cost))
     report = json.loads(Path(args.speed).read_text())
     setup = report["setup"]
     lines = [
