@@ -179,6 +179,29 @@ def test_loading_a_partitioned_checkpoint_gives_compact_storage(tmp_path, granul
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_never_forms_dense_experts(tmp_path, monkeypatch, dtype):
+    """The compact values load straight into compact parameters: no dense decode, no dense -> compact conversion,
+    and the dense names the model was built with are not reported missing."""
+    model = _partitioned()
+    model.save_pretrained(tmp_path)
+    from pad_moe_transformers.checkpoint import load as load_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense form of the experts was built while loading")
+
+    monkeypatch.setattr(load_module, "decode_compact", refuse)
+    monkeypatch.setattr(PADWeight, "compact_storage_", refuse)
+    loaded, info = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=dtype, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    for a, b in zip(_pad_weights(model), _pad_weights(loaded)):
+        assert b.storage == "compact" and b.expert_values.dtype == dtype and b.mask.dtype == torch.bool
+        assert torch.equal(a.mask, b.mask)
+        assert torch.equal(a.expert_values.to(dtype), b.expert_values)
+        assert torch.equal(a.static_values.to(dtype), b.static_values)
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+
+
 def test_repartition_of_a_compact_model():
     model = _partitioned(ratio=0.5)
     result = pmt.partition_model(model, _batches(), dynamic_ratio=0.3, num_batches=2, progress=False, overwrite=True)

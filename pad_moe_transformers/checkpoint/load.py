@@ -4,9 +4,10 @@
 device), and each stored tensor is read, converted and placed by Transformers (dtype, device map, fp32
 router, tied weights, mismatched sizes, load report). What is PAD-specific is declared, not overridden:
 
-- `DecodeCompact`, a weight conversion registered for the `pad_moe` model type, turns the three compact
-  tensors of one PAD linear (`mask_packed`, `static_values`, `expert_values`) into its `expert_weight`,
-  `static_weight` and `mask`, one linear at a time (no dense copy of all experts beside the model);
+- `DecodeCompact`, a weight conversion registered for the `pad_moe` model type, loads the three compact
+  tensors of one PAD linear (`mask_packed`, `static_values`, `expert_values`) into the layer in compact storage
+  (`expert_values`, `static_values`, `mask`: no dense experts are formed, the dense parameters the model was
+  built with are meta tensors that are replaced);
 - `ScaleFactorShape` turns the 0-d scale factors of the files into the model's `(1,)` parameters;
 - a never-partitioned ("moe" layout) checkpoint stores only the experts: the static weights and masks are
   missing keys, rebuilt by `PADMoEPreTrainedModel.initialize_weights`.
@@ -39,7 +40,7 @@ from .._compat import (
     register_checkpoint_conversion_mapping,
     set_own_experts_implementation,
 )
-from ..core.compact import decode_compact, encode_compact
+from ..core.compact import decode_compact, encode_compact, unpack_mask
 from ..core.pad_weight import PADWeight, compact_pad_storage, static_from_experts
 from ..core.scale_factors import SCALE_FACTOR_INIT, SCALE_FACTOR_NAMES
 from ..partition.metadata import verify_partition_metadata
@@ -73,21 +74,43 @@ _DENSE = ["expert_weight", "static_weight", "mask"]  # the first target names wh
 
 
 class DecodeCompact(ConversionOps):
-    """The compact tensors of one PAD linear -> its `expert_weight`, `static_weight` and `mask` (validated)."""
+    """The compact tensors of one PAD linear -> the layer in compact storage (`expert_values`, `static_values`, `mask`),
+    without forming its dense experts; an all-dynamic mask (no static entry) -> dense `expert_weight`, `static_weight`
+    and `mask`, the storage such a layer trains in (`compact_pad_storage`)."""
 
     supports_many_to_many = True
 
     @torch.no_grad()
     def convert(
-        self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None, **kwargs
+        self,
+        input_dict,
+        source_patterns=None,
+        target_patterns=None,
+        full_layer_name=None,
+        model=None,
+        missing_keys=None,
+        **kwargs,
     ):
         packed, static_values, expert_values = (input_dict[s][0] for s in _COMPACT)
-        linear = model.get_submodule(full_layer_name.rsplit(".", 1)[0])
+        prefix = full_layer_name.rsplit(".", 1)[0]
+        linear = model.get_submodule(prefix)
         # The loader casts every tensor of a conversion to the dtype of its first target (the float experts):
         # the packed bytes (0..255) survive that exactly, in fp32, bf16 and fp16. (Validated before loading.)
         packed = packed.to(torch.uint8)
-        dynamic, static, mask = decode_compact(packed, static_values, expert_values, tuple(linear.mask.shape))
-        return {"expert_weight": dynamic, "static_weight": static, "mask": mask}
+        shape = tuple(linear.mask.shape)
+        if static_values.numel() == 0:  # all dynamic: the dense layout (nothing to drop)
+            dynamic, static, mask = decode_compact(packed, static_values, expert_values, shape)
+            return {"expert_weight": dynamic, "static_weight": static, "mask": mask}
+        # The model was built dense (on the meta device: no storage). The layer takes the compact parameters of this
+        # checkpoint's nnz(M) now, and the loader fills them; the dense names it expected are not missing.
+        linear._set_compact_parameters(expert_values.shape[-1])
+        for name in ("expert_weight", "static_weight"):
+            if missing_keys is not None:
+                missing_keys.discard(f"{prefix}.{name}")
+        mask = unpack_mask(packed, linear.mask.numel()).view(shape)
+        # Full names: the loader's renaming keeps keys that are not part of the layer name it converted.
+        loaded = {"expert_values": expert_values, "static_values": static_values, "mask": mask}
+        return {f"{prefix}.{name}": tensor for name, tensor in loaded.items()}
 
     @property
     def reverse_op(self) -> ConversionOps:
@@ -366,8 +389,9 @@ def load_pad_checkpoint(
     model, info = base_from_pretrained(path, *model_args, config=config, output_loading_info=True, **kwargs)
 
     verify_partition_metadata(model)
-    # A partitioned model trains and runs in compact storage (only what eq. 4 reads is a parameter). Transformers'
-    # loader filled the dense tensors it was built with; they are dropped here, one layer at a time.
+    # A partitioned model trains and runs in compact storage (only what eq. 4 reads is a parameter). The PAD files
+    # load into it directly (`DecodeCompact`); files of Transformers' own writer store dense tensors under their own
+    # names, which are converted here, one layer at a time.
     compact_pad_storage(model)
     return (model, info) if want_info else model
 
