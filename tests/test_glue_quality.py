@@ -156,10 +156,100 @@ def test_wholerun_table_passes_every_variant_setting_to_run_glue(tmp_path):
     from glue_tables import get_table
 
     table = get_table("wholerun")
-    assert set(table.variants) == {"static", "moe", "pad", "pad_k0.1", "pad_neuron_k0.3"}
+    assert set(table.variants) == {"static", "moe", "pad", "pad_k0.1", "pad_neuron_k0.3", "pad_neuron_k0.1",
+                                   "pad_neuron_k0.5"}  # fmt: skip
     settings = {"task": "stsb", **table.variants["pad_neuron_k0.3"], "seed": 42, "data_seed": 42, "epochs": 3.0,
                 "learning_rate": 1e-4, "batch_size": 32, "max_train_samples": 0, "max_steps": 0, "precision": [],
                 "model": "default (packaged MiniLM)", "data": "../shared/data/glue", "extra": []}  # fmt: skip
     argv = glue_quality.run_argv(settings, tmp_path)
     assert argv[argv.index("--partition_granularity") + 1] == "neuron"
     assert argv[argv.index("--dynamic_ratio") + 1] == "0.3"
+
+
+def _settings(table, variant: str, task: str = "rte", seed: int = 42):
+    args = glue_quality.parse_args([])
+    args.precision_args, args.extra = ["--bf16", "--use_cpu"], []
+    return glue_quality.run_settings(table, task, variant, seed, args)
+
+
+def test_lr_table_runs_each_variant_at_its_rate_and_reuses_table1():
+    from glue_tables import get_table
+
+    lr, table1 = get_table("lr"), get_table("1")
+    assert set(lr.best_of) == {"static", "moe", "pad"} and len(lr.variants) == 12
+    settings = _settings(lr, "pad@0.0002")
+    assert settings["learning_rate"] == 2e-4 and settings["dynamic_ratio"] == 0.5
+    argv = glue_quality.run_argv(settings, Path("out"))
+    assert argv[argv.index("--learning_rate") + 1] == "0.0002"
+    # lr 1e-4 is Table 1's run: the same settings, so the same run directory (finished runs are reused)
+    for model in ("static", "moe", "pad"):
+        assert _settings(lr, f"{model}@0.0001") == _settings(table1, model)
+        assert glue_quality.run_dir(_settings(lr, f"{model}@0.0001"), Path("w")) == glue_quality.run_dir(
+            _settings(table1, model), Path("w")
+        )
+
+
+def test_lr_table_report_picks_each_models_best_rate_and_compares_there(tmp_path):
+    import glue_report
+    from glue_tables import get_table
+
+    table = get_table("lr")
+    # static is best at 5e-5, MoE at 2e-4, PAD at 1e-4 on RTE; on STS-B every model is best at 5e-4.
+    best = {"rte": {"static": 5e-5, "moe": 2e-4, "pad": 1e-4}, "stsb": {"static": 5e-4, "moe": 5e-4, "pad": 5e-4}}
+    runs = []
+    for variant, settings in table.variants.items():
+        model, rate = variant.split("@")[0], settings["learning_rate"]
+        for task in ("rte", "stsb"):
+            for seed in (42, 43, 44):
+                score = 60.0 + (5.0 if rate == best[task][model] else 0.0) + {"static": 0, "moe": 1, "pad": 2}[model]
+                score += 0.1 * (seed - 42)
+                pairing = {"data_order": f"{task}{seed}", "head_init_checksum": seed, "router_init_checksum": None}
+                runs.append({"variant": variant, "task": task, "seed": seed, "score": score, "wall_s": 1.0, **pairing})
+    report = glue_report.build(table, runs, glue_quality.MAIN_METRIC, ["rte", "stsb"])
+    selection = report["selection"]
+    assert selection["complete"]
+    assert selection["picks"]["static"] == {"rte": "static@5e-05", "stsb": "static@0.0005"}
+    assert selection["picks"]["moe"]["rte"] == "moe@0.0002" and selection["picks"]["pad"]["rte"] == "pad@0.0001"
+    diff = selection["stats"]["differences"]
+    assert diff["pad - moe"]["rte"]["mean"] == pytest.approx(1.0)
+    assert diff["pad - static"]["avg"]["mean"] == pytest.approx(2.0)
+    assert report["stats"]["differences"] == {}  # no comparison at one fixed rate
+    settings = {"tasks": ["rte", "stsb"], "seeds": [42, 43, 44], "epochs": 3.0, "learning_rate": "per variant",
+                "batch_size": 32, "max_train_samples": "all", "max_steps": 0, "model": "m", "extra": [],
+                "parallel_runs": 2, "threads_per_run": 1, "smoke": False}  # fmt: skip
+    report.update(status="ok", complete=True, precision="bf16", device="cpu", git={"commit": "abc"}, runs=runs,
+                  settings=settings)  # fmt: skip
+    md = glue_report.markdown(table, report, glue_quality.MAIN_METRIC)
+    assert "| static | 5e-05 | 0.0005 |" in md and "| pad - moe |" in md and "lr per variant" in md
+    glue_report.plot(table, report, tmp_path / "lr.png")
+    assert (tmp_path / "lr.png").stat().st_size > 10_000
+    # a candidate with fewer seeds leaves the selection partial
+    partial = glue_report.build(table, [r for r in runs if not (r["variant"] == "moe@5e-05" and r["seed"] == 44)],
+                                glue_quality.MAIN_METRIC, ["rte", "stsb"])  # fmt: skip
+    assert not partial["selection"]["complete"]
+
+
+def test_frontier_table_runs_each_configuration_at_its_models_pick(tmp_path):
+    from glue_tables import get_table
+
+    picks = {
+        "static": {"rte": "static@5e-05", "stsb": "static@0.0001"},
+        "moe": {"rte": "moe@0.0002", "stsb": "moe@0.0002"},
+        "pad": {"rte": "pad@0.0001", "stsb": "pad@0.0005"},
+    }
+    table = get_table("frontier", picks)
+    assert set(table.variants) == {"static", "moe", "pad_k0.5", "pad_k0.1", "pad_neuron_k0.1", "pad_neuron_k0.3",
+                                   "pad_neuron_k0.5"}  # fmt: skip
+    assert _settings(table, "static", "rte")["learning_rate"] == 5e-5
+    neuron = _settings(table, "pad_neuron_k0.3", "stsb")
+    assert neuron["learning_rate"] == 5e-4 and neuron["partition_granularity"] == "neuron"
+    # PAD kappa 0.5 at PAD's pick is the lr table's run (reused)
+    assert _settings(table, "pad_k0.5", "rte") == _settings(get_table("lr"), "pad@0.0001", "rte")
+    with pytest.raises(ValueError, match="lack"):
+        get_table("frontier", {"static": picks["static"]})
+    # the command refuses to run before the lr table has finished
+    lr_report = tmp_path / "glue_lr.json"
+    lr_report.write_text(json.dumps({"complete": False, "selection": {"complete": False, "picks": picks}}))
+    with pytest.raises(SystemExit, match="partial"):
+        argv = ["--table", "frontier", "--lr_report", str(lr_report), "--report_only", "--out", str(tmp_path / "f")]
+        glue_quality.main(argv)

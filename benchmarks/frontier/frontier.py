@@ -1,0 +1,254 @@
+"""Which configuration should a user pick? Dev score next to what each configuration costs (issue 28).
+
+    python benchmarks/frontier/frontier.py [--results benchmarks/results] [--out benchmarks/results/frontier]
+
+Joins result files that other benchmarks write (it runs nothing itself):
+
+- quality: `glue_frontier.json` (`glue_quality.py --table frontier`: each configuration at its model's best dev
+  learning rate, paired seeds): dev score mean +- std over seeds, and the parameters as the paper counts them;
+- whole-run wall time: `glue_wholerun_<task>.json` (`glue_quality.py --table wholerun`: full data, 3 epochs,
+  bf16, one run at a time, same session; the cost of a run does not depend on its learning rate);
+- peak training memory: `train_cost.json` (live tensors, batch 32, bf16; 32 tokens for STS-B, 128 for RTE);
+- inference latency of the merged model: `pipeline_latency.json` (bf16, `pipeline("text-classification")`,
+  batch 1 and 32);
+- stored bytes: `checkpoint_size.json` (bf16 files; neuron-structured PAD stores as many values and mask bits as
+  element-wise PAD at the same kappa, so it has that size).
+
+Every cost is also given as a ratio to static (the plain fine-tuned model) of the same file. A figure the inputs lack
+is left empty, and the table says which command fills it. Writes `<out>.json`, `<out>.md` and `<out>.png` (score
+against whole-run cost per task, seed spread as error bars, the Pareto front drawn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
+
+CONFIGS = ("static", "moe", "pad_k0.5", "pad_k0.1", "pad_neuron_k0.1", "pad_neuron_k0.3", "pad_neuron_k0.5")
+"""The frontier's configurations, as `glue_quality.py --table frontier` names them."""
+LABELS = {
+    "static": "static (dense)", "moe": "MoE (8 experts, top-2)", "pad_k0.5": "PAD element kappa 0.5",
+    "pad_k0.1": "PAD element kappa 0.1", "pad_neuron_k0.1": "PAD neuron kappa 0.1",
+    "pad_neuron_k0.3": "PAD neuron kappa 0.3", "pad_neuron_k0.5": "PAD neuron kappa 0.5",
+}  # fmt: skip
+# How each input file names a configuration (the rest use the frontier's names).
+WHOLERUN_NAMES = {"pad_k0.5": "pad"}
+COST_NAMES = {"static": "dense"}
+CHECKPOINT_NAMES = {
+    "static": "dense", "moe": "moe", "pad_k0.5": "pad_kappa_0.5", "pad_k0.1": "pad_kappa_0.1",
+    "pad_neuron_k0.1": "pad_kappa_0.1", "pad_neuron_k0.3": "pad_kappa_0.3", "pad_neuron_k0.5": "pad_kappa_0.5",
+}  # fmt: skip
+TOKENS = {"stsb": 32, "rte": 128}
+"""The training-step length whose memory stands for each task (`train_cost.py`'s STS-B-like and RTE-like)."""
+FILLED_BY = {
+    "score": "python benchmarks/glue/glue_quality.py --table frontier",
+    "wall_s": "python benchmarks/glue/glue_quality.py --table wholerun --tasks <task> --seeds 42 --parallel 1",
+    "train_memory_bytes": "python benchmarks/cost/train_cost.py",
+    "latency_b1_s": "python benchmarks/inference/pipeline_latency.py",
+    "latency_b32_s": "python benchmarks/inference/pipeline_latency.py",
+    "stored_bytes": "python benchmarks/cost/checkpoint_size.py",
+}
+COSTS = ("wall_s", "train_memory_bytes", "latency_b1_s", "latency_b32_s", "stored_bytes")
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def quality(report: Mapping, task: str) -> dict[str, dict]:
+    """`{config: {"score", "std", "n", "parameters"}}` from the frontier table's report."""
+    out = {}
+    for config in CONFIGS:
+        est = (report.get("stats", {}).get("variants", {}).get(config) or {}).get(task)
+        if est:
+            parameters = (report.get("per_variant", {}).get(config) or {}).get("parameters")
+            out[config] = {"score": est["mean"], "std": est["std"], "n": est["n"], "parameters": parameters}
+    return out
+
+
+def wall_times(report: Mapping) -> dict[str, float]:
+    """`{config: wall seconds}` of the whole-run table's runs (seed 42, one at a time)."""
+    by_variant = {run["variant"]: run["wall_s"] for run in report.get("runs", [])}
+    return {c: by_variant[WHOLERUN_NAMES.get(c, c)] for c in CONFIGS if WHOLERUN_NAMES.get(c, c) in by_variant}
+
+
+def train_memory(report: Mapping, task: str) -> dict[str, float]:
+    rows = report.get(f"seq{TOKENS[task]}_bf16", {}).get("rows", {})
+    return {c: rows[COST_NAMES.get(c, c)]["peak_train_bytes"] for c in CONFIGS if COST_NAMES.get(c, c) in rows}
+
+
+def latencies(report: Mapping) -> dict[str, dict[str, float]]:
+    rows = report.get("bf16", {}).get("rows", {})
+    return {
+        c: {"latency_b1_s": rows[name]["pipeline_b1_s"], "latency_b32_s": rows[name]["pipeline_b32_s"]}
+        for c in CONFIGS
+        if (name := COST_NAMES.get(c, c)) in rows
+    }
+
+
+def stored_bytes(report: Mapping) -> dict[str, int]:
+    rows = {row["name"]: row["bytes_bf16"] for row in report.get("rows", [])}
+    return {c: rows[CHECKPOINT_NAMES[c]] for c in CONFIGS if CHECKPOINT_NAMES[c] in rows}
+
+
+def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
+    """The configurations no other one beats: `points` is `{config: (cost, score)}`; a configuration is dominated when
+    another costs no more and scores no less, and is strictly better in one. Sorted by cost."""
+    front = [
+        name
+        for name, (cost, score) in points.items()
+        if not any(
+            c <= cost and s >= score and (c < cost or s > score)
+            for other, (c, s) in points.items()
+            if other != name
+        )
+    ]
+    return sorted(front, key=lambda name: points[name][0])
+
+
+def build(results: Path) -> dict:
+    frontier = _read(results / "glue_frontier.json")
+    latency, stored = latencies(_read(results / "pipeline_latency.json")), stored_bytes(
+        _read(results / "checkpoint_size.json")
+    )
+    cost_file = _read(results / "train_cost.json")
+    tasks = frontier.get("tasks") or list(TOKENS)
+    out: dict = {"tasks": {}, "sources": {}, "frontier_complete": bool(frontier.get("complete"))}
+    for task in tasks:
+        scores = quality(frontier, task)
+        wholerun = _read(results / f"glue_wholerun_{task}.json")
+        walls, memory = wall_times(wholerun), train_memory(cost_file, task)
+        rows = {}
+        for config in CONFIGS:
+            row = {**scores.get(config, {}), "wall_s": walls.get(config), "train_memory_bytes": memory.get(config)}
+            row.update(latency.get(config, {}))
+            row["stored_bytes"] = stored.get(config)
+            rows[config] = row
+        static = rows["static"]
+        for row in rows.values():
+            for cost in COSTS:
+                value, base = row.get(cost), static.get(cost)
+                row[f"{cost}_vs_static"] = value / base if value is not None and base else None
+        points = {
+            c: (r["wall_s_vs_static"], r["score"]) for c, r in rows.items() if "score" in r and r["wall_s_vs_static"]
+        }
+        out["tasks"][task] = {"rows": rows, "pareto_front": pareto_front(points), "tokens": TOKENS.get(task)}
+        out["sources"][task] = {
+            "wholerun_commit": (wholerun.get("git") or {}).get("commit"),
+            "wholerun_complete": wholerun.get("complete"),
+        }
+    out["sources"].update(
+        frontier_commit=(frontier.get("git") or {}).get("commit"),
+        lr_picks=(frontier.get("variants") or {}),
+        train_cost_commit=(cost_file.get("setup") or {}).get("commit"),
+    )
+    return out
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "bytes":
+        return f"{value / 2**20:.0f} MiB"
+    if kind == "s":
+        return f"{value:.0f} s" if value >= 10 else f"{value * 1e3:.1f} ms"
+    if kind == "ratio":
+        return f"{value:.2f}x"
+    return str(value)
+
+
+def markdown(report: Mapping) -> str:
+    lines = [
+        "# Quality-cost frontier (MiniLM, 8 experts top-2, GLUE dev)",
+        "",
+        "Dev score: mean +- std over paired seeds, each configuration at its model's best dev learning rate (picked on "
+        "dev, as the paper does). Costs as ratios to static (the plain fine-tuned MiniLM): whole 3-epoch run (bf16, "
+        "one run at a time), peak training memory (live tensors, batch 32, bf16), merged inference through "
+        "`pipeline` at batch 1 and 32 (bf16), checkpoint bytes (bf16). *On the Pareto front: no other configuration "
+        "scores higher for less whole-run time.",
+    ]
+    if not report["frontier_complete"]:
+        lines += ["", "**Partial:** the frontier's quality runs are not all finished."]
+    missing = set()
+    for task, block in report["tasks"].items():
+        front = set(block["pareto_front"])
+        lines += [
+            "",
+            f"## {task.upper()} (training memory at {block['tokens']} tokens)",
+            "",
+            "| configuration | dev score | params | whole run | train memory | latency b1 | latency b32 | stored |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for config, row in block["rows"].items():
+            score = f"{row['score']:.2f} +- {row['std'] or 0:.2f} (n={row['n']})" if "score" in row else "-"
+            params = f"{row['parameters'] / 1e6:.1f}M" if row.get("parameters") else "-"
+            cells = []
+            for cost, kind in zip(COSTS, ("s", "bytes", "s", "s", "bytes")):
+                if row.get(cost) is None:
+                    missing.add(cost if cost != "wall_s" else "wall_s")
+                    cells.append("-")
+                else:
+                    cells.append(f"{_fmt(row[f'{cost}_vs_static'], 'ratio')} ({_fmt(row[cost], kind)})")
+            if "score" not in row:
+                missing.add("score")
+            name = LABELS[config] + (" *" if config in front else "")
+            lines.append(f"| {name} | {score} | {params} | " + " | ".join(cells) + " |")
+    if missing:
+        lines += ["", "Empty cells are filled by: " + "; ".join(f"`{FILLED_BY[m]}`" for m in sorted(missing)) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Mapping, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        block = report["tasks"][task]
+        for i, (config, row) in enumerate(block["rows"].items()):
+            if "score" not in row or not row.get("wall_s_vs_static"):
+                continue
+            axis.errorbar(
+                row["wall_s_vs_static"], row["score"], yerr=row["std"] or 0.0, fmt="o", capsize=3, color=f"C{i}",
+                label=LABELS[config],
+            )  # fmt: skip
+        front = block["pareto_front"]
+        if len(front) > 1:
+            xs = [block["rows"][c]["wall_s_vs_static"] for c in front]
+            ys = [block["rows"][c]["score"] for c in front]
+            axis.step(xs, ys, where="post", color="grey", linestyle="--", linewidth=1, label="Pareto front")
+        axis.set_title(f"{task.upper()} dev")
+        axis.set_xlabel("whole 3-epoch run, x static (bf16, CPU)")
+        axis.set_ylabel("dev score x100 (mean +- std over seeds)")
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="Where the inputs are.")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "frontier"), help="Output stem.")
+    args = parser.parse_args(argv)
+    report = build(Path(args.results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
+    plot(report, out.with_suffix(".png"))
+    print(out.with_suffix(".md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()
