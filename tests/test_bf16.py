@@ -2,7 +2,7 @@
 autocast against fp32, with stated tolerances; the router stays fp32; the native-bf16 check and how
 `run_glue.py` takes bf16 (`--bf16 --use_cpu`, `--bf16 auto`).
 
-benchmarks/gpu_check.sh runs this file on a GPU with PAD_MOE_TEST_DEVICE=cuda; the measured numbers in the
+benchmarks/gpu/gpu_check.sh runs this file on a GPU with PAD_MOE_TEST_DEVICE=cuda; the measured numbers in the
 comments are from the CPU (torch 2.13).
 """
 

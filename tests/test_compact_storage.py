@@ -308,7 +308,7 @@ def test_checkpoint_files_name_the_compact_values(tmp_path):
 def test_training_step_peak_memory_follows_the_stored_entries(tmp_path):
     """Live tensor bytes of an AdamW step (torch's memory timeline): compact storage at kappa 0.1 keeps gradients and
     both moments for the entries eq. 4 reads only, so its peak is below the dense layout's (same model, same masks).
-    The figures for the MiniLM: `benchmarks/train_cost.py`."""
+    The figures for the MiniLM: `benchmarks/cost/train_cost.py`."""
     from test_partition_cost import traced_peak_bytes
 
     batch = _batches(n=1)[0]

@@ -18,7 +18,7 @@ from pad_moe_transformers.core import named_pad_linears
 from pad_moe_transformers.experts import EXPERTS_IMPLEMENTATIONS, ExpertWeights, run_experts
 
 BACKENDS = EXPERTS_IMPLEMENTATIONS
-# benchmarks/gpu_check.sh runs this file on a GPU with PAD_MOE_TEST_DEVICE=cuda.
+# benchmarks/gpu/gpu_check.sh runs this file on a GPU with PAD_MOE_TEST_DEVICE=cuda.
 DEVICE = torch.device(os.environ.get("PAD_MOE_TEST_DEVICE", "cpu"))
 
 
@@ -202,7 +202,7 @@ def test_models_agree_across_backends_on_padded_batches(dense_dir, granularity):
 def test_forward_and_backward_trace_as_one_graph(dense_dir):
     """With grouped_mm, no host synchronisation and no data-dependent Python control flow: dynamo traces the whole model
     (forward with losses and usage counts, then backward) without a graph break. The `eager` dynamo backend
-    checks the tracing without inductor's minutes of C++ compilation; `benchmarks/speed.py` runs inductor."""
+    checks the tracing without inductor's minutes of C++ compilation; `benchmarks/cost/speed.py` runs inductor."""
     model = _model(dense_dir, experts_implementation="grouped_mm")
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

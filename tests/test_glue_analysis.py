@@ -1,4 +1,4 @@
-"""benchmarks/glue_analysis.py: which run folders it measures."""
+"""benchmarks/glue/glue_analysis.py: which run folders it measures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "glue"))
 import glue_analysis  # noqa: E402  (benchmarks/ is not a package)
 
 

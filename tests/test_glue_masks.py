@@ -1,4 +1,4 @@
-"""benchmarks/glue_masks.py: masks read back from real compact checkpoints, agreement against hand counts."""
+"""benchmarks/glue/glue_masks.py: masks read back from real compact checkpoints, agreement against hand counts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import tiny_base_configs
 
 import pad_moe_transformers as pmt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "glue"))
 import glue_masks  # noqa: E402  (benchmarks/ is not a package)
 import glue_quality  # noqa: E402
 

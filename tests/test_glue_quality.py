@@ -1,4 +1,4 @@
-"""benchmarks/glue_quality.py on tiny fixtures: paired seeds, resume, statistics, markdown and plot.
+"""benchmarks/glue/glue_quality.py on tiny fixtures: paired seeds, resume, statistics, markdown and plot.
 
 The real tables take hours; here a 2-layer hidden-32 BERT trains 3 steps on a few dozen GLUE-format rows.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from _fixtures import save_tiny_bert, write_glue_tsvs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "glue"))
 import glue_paired  # noqa: E402  (benchmarks/ is not a package)
 import glue_quality  # noqa: E402
 

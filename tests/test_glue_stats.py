@@ -1,4 +1,4 @@
-"""benchmarks/glue_stats.py against hand-computed values (paired differences, t intervals, task averages)."""
+"""benchmarks/glue/glue_stats.py against hand-computed values (paired differences, t intervals, task averages)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "glue"))
 import glue_stats  # noqa: E402  (benchmarks/ is not a package)
 
 PAD = {42: 85.0, 43: 86.0, 44: 84.0}

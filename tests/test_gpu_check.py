@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh, the one prepared GPU check, runs end to end on the CPU with --smoke."""
+"""benchmarks/gpu/gpu_check.sh, the one prepared GPU check, runs end to end on the CPU with --smoke."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_smoke_writes_every_result(tmp_path):
     env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path), "PYTHON": sys.executable}
     result = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"],
+        ["bash", str(ROOT / "benchmarks" / "gpu" / "gpu_check.sh"), "--smoke"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

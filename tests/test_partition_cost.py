@@ -164,7 +164,7 @@ def test_result_and_progress_report_passes_and_seconds(monkeypatch):
 def test_partition_cost_benchmark_smoke(tmp_path):
     out = tmp_path / "cost.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "partition_cost.py"), "--smoke", "--malloc", "default",
+        [sys.executable, str(ROOT / "benchmarks" / "partition" / "partition_cost.py"), "--smoke", "--malloc", "default",
          "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip

@@ -1,6 +1,6 @@
 """Speed and memory of dense FFN vs plain MoE vs element-wise and neuron-structured PAD-MoE, in one run.
 
-    python benchmarks/speed.py [--repeats 5] [--precisions fp32,bf16] [--out benchmarks/results/speed.json]
+    python benchmarks/cost/speed.py [--repeats 5] [--precisions fp32,bf16] [--out benchmarks/results/speed.json]
 
 Measures, on a MiniLM-sized model (6 layers, hidden 384, FFN 1536, 8 experts, top-2, kappa 0.5)
 and on one BERT-base-sized layer (hidden 768, FFN 3072):
@@ -32,6 +32,7 @@ import multiprocessing as mp
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,9 @@ from transformers.integrations.moe import use_experts_implementation
 import pad_moe_transformers as pmt
 from pad_moe_transformers.experts import ExpertWeights
 from pad_moe_transformers.precision import native_bf16_available
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
 
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
 BATCH, SEQ = 32, 128
@@ -318,7 +322,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precisions", default="fp32,bf16", help="bf16 rows run only where the CPU has native bf16")
     parser.add_argument("--compile", action="store_true", help="add torch.compile (inductor) rows for the layers")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and 1 repeat: checks the script runs")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -1,7 +1,7 @@
 """CPU speed and peak memory of PAD vs DY-Conv vs static ResNet-50 (forward and training step, batch 32).
 
-    python benchmarks/vision_speed.py                 # ResNet-50, batch 32, 224x224, 3 repeats
-    python benchmarks/vision_speed.py --smoke         # a tiny ResNet in seconds (pipeline check)
+    python benchmarks/vision/vision_speed.py                 # ResNet-50, batch 32, 224x224, 3 repeats
+    python benchmarks/vision/vision_speed.py --smoke         # a tiny ResNet in seconds (pipeline check)
 
 Each kind runs in its own fresh process (spawned, one after the other): build the model, one warm-up
 iteration, then the median over `--repeats` of a forward pass (eval mode, no autograd) and of a training
@@ -20,11 +20,14 @@ import multiprocessing as mp
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from _paths import ROOT  # benchmarks/_paths.py
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
 
 KINDS = ("static", "dyconv", "pad")
 

@@ -1,18 +1,20 @@
 """GLUE quality of static vs MoE vs PAD (and MoE-P, partition methods, kappa, scale factors) on the packaged
 MiniLM, over paired seeds with confidence intervals: one command per table of the paper.
 
-    python benchmarks/glue_quality.py --table 1          # CoLA/RTE/MRPC/STS-B x static/MoE/PAD x seeds 42-44
-    python benchmarks/glue_quality.py --table 1-long     # RTE, STS-B at 10 epochs
-    python benchmarks/glue_quality.py --table 5          # MoE-P at PAD's parameter count (RTE, STS-B)
-    python benchmarks/glue_quality.py --table fig4       # IMP vs MP vs Random (RTE, STS-B)
-    python benchmarks/glue_quality.py --table 3          # kappa 0.1/0.3/0.5/0.7 (STS-B)
-    python benchmarks/glue_quality.py --table 4          # scale-factor modes (STS-B)
-    python benchmarks/glue_quality.py --table heldout    # SST-2 from the hub (online only)
-    python benchmarks/glue_quality.py --table lr         # static/MoE/PAD at lr 5e-5..5e-4 (RTE, STS-B), best per model
-    python benchmarks/glue_quality.py --table frontier   # static/MoE/PAD kappa 0.1, 0.5/neuron at the lr table's picks
-    python benchmarks/glue_quality.py --table wholerun --tasks stsb --seeds 42 --parallel 1 --rerun \
+    python benchmarks/glue/glue_quality.py --table 1          # CoLA/RTE/MRPC/STS-B x static/MoE/PAD x seeds 42-44
+    python benchmarks/glue/glue_quality.py --table 1-long     # RTE, STS-B at 10 epochs
+    python benchmarks/glue/glue_quality.py --table 5          # MoE-P at PAD's parameter count (RTE, STS-B)
+    python benchmarks/glue/glue_quality.py --table fig4       # IMP vs MP vs Random (RTE, STS-B)
+    python benchmarks/glue/glue_quality.py --table 3          # kappa 0.1/0.3/0.5/0.7 (STS-B)
+    python benchmarks/glue/glue_quality.py --table 4          # scale-factor modes (STS-B)
+    python benchmarks/glue/glue_quality.py --table heldout    # SST-2 from the hub (online only)
+    python benchmarks/glue/glue_quality.py --table lr         # static/MoE/PAD at lr 5e-5..5e-4 (RTE, STS-B),
+                                                              # best per model
+    python benchmarks/glue/glue_quality.py --table frontier   # static/MoE/PAD kappa 0.1, 0.5/neuron at the lr
+                                                              # table's picks
+    python benchmarks/glue/glue_quality.py --table wholerun --tasks stsb --seeds 42 --parallel 1 --rerun \
         --out benchmarks/results/glue_wholerun_stsb     # whole-run cost, one run at a time (issue 27)
-    python benchmarks/glue_quality.py --table 1 --smoke  # the whole pipeline on a tiny model, in seconds
+    python benchmarks/glue/glue_quality.py --table 1 --smoke  # the whole pipeline on a tiny model, in seconds
 
 Protocol (every table): full training sets (`--max_train_samples` for subsets), lr 1e-4 (the `lr` table: each
 variant its own; the `frontier` table: each model's pick from the finished `lr` table), batch 32, max
@@ -42,9 +44,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import glue_report  # benchmarks/glue_report.py
-from _paths import DEFAULT_GLUE_DIR, ROOT, portable_path, relative_path  # benchmarks/_paths.py
-from glue_tables import TABLE_ALIASES, Table, custom_table, get_table  # benchmarks/glue_tables.py
+import glue_report  # benchmarks/glue/glue_report.py
+from glue_tables import TABLE_ALIASES, Table, custom_table, get_table  # benchmarks/glue/glue_tables.py
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import DEFAULT_GLUE_DIR, ROOT, portable_path, relative_path  # noqa: E402
 
 MAIN_METRIC = {
     "cola": "matthews_correlation", "rte": "accuracy", "mrpc": "f1", "stsb": "pearson", "sst2": "accuracy",
@@ -200,14 +204,15 @@ def execute(settings: dict, args: argparse.Namespace) -> dict:
     argv, record_path = run_argv(settings, output_dir), output_dir / "paired_run.json"
     start = time.time()
     if args.in_process:
-        import glue_paired  # benchmarks/glue_paired.py
+        import glue_paired  # benchmarks/glue/glue_paired.py
 
         glue_paired.run(argv, settings["init_seed"], record_path)
     else:
         # Each run gets its share of the cores: N one-thread runs on N cores do not oversubscribe them.
         threads = str(max(1, (os.cpu_count() or 1) // args.parallel))
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        worker = [sys.executable, os.path.join("benchmarks", "glue_paired.py"), "--record", relative_path(record_path)]
+        paired_script = os.path.join("benchmarks", "glue", "glue_paired.py")
+        worker = [sys.executable, paired_script, "--record", relative_path(record_path)]
         command = [*worker, "--init_seed", str(settings["init_seed"]), "--", *argv]
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
         if done.returncode != 0:

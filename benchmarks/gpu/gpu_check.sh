@@ -6,10 +6,10 @@
 #      runs in parallel on the one GPU,
 # writing everything under benchmarks/results/gpu_check/ (or $GPU_CHECK_OUT).
 #
-#   bash benchmarks/gpu_check.sh            # on a CUDA machine
-#   bash benchmarks/gpu_check.sh --smoke    # on the CPU, tiny budget: checks the script itself (run by the tests)
+#   bash benchmarks/gpu/gpu_check.sh            # on a CUDA machine
+#   bash benchmarks/gpu/gpu_check.sh --smoke    # on the CPU, tiny budget: checks the script itself (run by the tests)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 SMOKE=0
 [[ "${1:-}" == "--smoke" ]] && SMOKE=1
 OUT="${GPU_CHECK_OUT:-benchmarks/results/gpu_check}"
@@ -35,11 +35,11 @@ stamp "device=$DEVICE: tests"
 PAD_MOE_TEST_DEVICE=$DEVICE "$PY" -m pytest -q -p no:randomly "${TESTS[@]}" 2>&1 | tail -n 5 | tee -a "$OUT/gpu_check.log"
 
 stamp "speed benchmark"
-"$PY" benchmarks/speed.py "${SPEED[@]}" --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
+"$PY" benchmarks/cost/speed.py "${SPEED[@]}" --out "$OUT/speed.json" > "$OUT/speed.log" 2>&1
 stamp "speed -> $OUT/speed.json"
 
 stamp "GLUE table"
-"$PY" benchmarks/glue_quality.py "${GLUE[@]}" --work_dir "$OUT/glue_runs" --out "$OUT/glue_table1" \
+"$PY" benchmarks/glue/glue_quality.py "${GLUE[@]}" --work_dir "$OUT/glue_runs" --out "$OUT/glue_table1" \
   --delete_models > "$OUT/glue.log" 2>&1 || stamp "GLUE: some runs failed (see $OUT/glue.log); the table is partial"
 stamp "GLUE -> $OUT/glue_table1.{json,md,png}"
 stamp "done"

@@ -1,6 +1,6 @@
 """Checkpoint size of the packaged MiniLM: dense vs plain MoE vs PAD at several dynamic ratios.
 
-    python benchmarks/checkpoint_size.py [--out benchmarks/results/checkpoint_size.json] [--no-verify]
+    python benchmarks/cost/checkpoint_size.py [--out benchmarks/results/checkpoint_size.json] [--no-verify]
 
 The MiniLM (all-MiniLM-L6-v2: 6 layers, hidden 384, FFN 1536) with a 2-label classification head
 is upcycled to a PAD-MoE with 8 experts and top-2 routing, then saved with `save_pretrained`:
@@ -22,6 +22,7 @@ import argparse
 import copy
 import json
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from transformers.utils import logging
 import pad_moe_transformers as pmt
 from pad_moe_transformers import checkpoint as ckpt
 from pad_moe_transformers.core import named_pad_linears
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
 
 KAPPAS = (0.7, 0.5, 0.3, 0.1)
 NUM_EXPERTS, TOP_K = 8, 2
@@ -83,7 +87,7 @@ def measure(model, directory: Path, name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "checkpoint_size.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "checkpoint_size.json"))
     parser.add_argument("--no-verify", action="store_true")
     args = parser.parse_args()
 

@@ -1,6 +1,6 @@
 """Peak memory while loading a PAD checkpoint of the packaged MiniLM (issue 12, "load once").
 
-    python benchmarks/load_memory.py [--baseline_ref cfb5d01] [--out benchmarks/results/load_memory.json]
+    python benchmarks/cost/load_memory.py [--baseline_ref cfb5d01] [--out benchmarks/results/load_memory.json]
 
 Saves the MiniLM upcycled to 8 experts with a random kappa = 0.5 partition (fp32, compact) once, then loads
 it with `AutoModelForSequenceClassification.from_pretrained` in fresh interpreters, one per code version. A
@@ -21,7 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _paths import ROOT
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
 
 _CHILD = r"""
 import gc, json, resource, sys

@@ -1,8 +1,8 @@
 """One GLUE run of `examples/run_glue.py` with paired initialisation, and a record that proves the pairing.
 
-    python benchmarks/glue_paired.py --init_seed 42 --record out/paired_run.json -- <run_glue.py arguments>
+    python benchmarks/glue/glue_paired.py --init_seed 42 --record out/paired_run.json -- <run_glue.py arguments>
 
-`benchmarks/glue_quality.py` runs every (task, mode, seed) through this script. Runs of different modes with
+`benchmarks/glue/glue_quality.py` runs every (task, mode, seed) through this script. Runs of different modes with
 the same seed must differ only by the mode. `run_glue.py` draws the classification head and the routers from
 the global torch RNG, so whether they match across modes depends on how much randomness the model build
 consumed before them (today the upcycled models load the dense model first and their heads happen to match
@@ -32,7 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "run_glue.py"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
+
+EXAMPLE = ROOT / "examples" / "run_glue.py"
 HEAD_NAMES = ("classifier", "score")
 """Attribute names of sequence-classification heads in Transformers' encoder families."""
 

@@ -1,8 +1,8 @@
 """Markdown tables from `results/speed.json` (written by speed.py): ratios to the plain MoE, and the issue's targets;
 and from `results/train_cost.json` (written by train_cost.py): parameters, peak memory and step time per kind.
 
-    python benchmarks/speed_tables.py [--speed benchmarks/results/speed.json]   # -> results/speed.md
-                                      [--train_cost benchmarks/results/train_cost.json]  # -> results/train_cost.md
+    python benchmarks/cost/speed_tables.py [--speed benchmarks/results/speed.json]   # -> results/speed.md
+                                           [--train_cost benchmarks/results/train_cost.json]  # -> results/train_cost.md
 
 README and docs/benchmarks.md quote these tables; regenerate them after every speed run.
 """
@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
 
 LAYER_ROWS = (
     ("forward_train_mode_s", "FFN forward (train mode)"),
@@ -157,8 +161,8 @@ def train_cost_tables(report: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--speed", default=str(Path(__file__).parent / "results" / "speed.json"))
-    parser.add_argument("--train_cost", default=str(Path(__file__).parent / "results" / "train_cost.json"))
+    parser.add_argument("--speed", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
+    parser.add_argument("--train_cost", default=str(ROOT / "benchmarks" / "results" / "train_cost.json"))
     args = parser.parse_args()
     if Path(args.train_cost).exists():
         cost = train_cost_tables(json.loads(Path(args.train_cost).read_text()))

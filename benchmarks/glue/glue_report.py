@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import glue_stats  # benchmarks/glue_stats.py
+import glue_stats  # benchmarks/glue/glue_stats.py
 
 
 def pairing_check(runs: Sequence[dict]) -> dict:

@@ -1,7 +1,7 @@
 """How much the masks of a GLUE table's PAD runs agree: between partition methods (IMP / MP / Random) of one
 seed, and between seeds of one method.
 
-    python benchmarks/glue_masks.py --table fig4      # -> benchmarks/results/glue_fig4_masks.{json,md}
+    python benchmarks/glue/glue_masks.py --table fig4      # -> benchmarks/results/glue_fig4_masks.{json,md}
 
 It reads the finished runs that `glue_quality.py` lists in the table's result file and the masks their
 compact checkpoints hold (`<run>/model.safetensors`, `*.mask_packed`), so it needs the run directories
@@ -21,15 +21,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
-from _paths import ROOT, relative_path  # benchmarks/_paths.py
-from glue_quality import run_dir  # benchmarks/glue_quality.py
-from glue_tables import TABLE_ALIASES  # benchmarks/glue_tables.py
+from glue_quality import run_dir  # benchmarks/glue/glue_quality.py
+from glue_tables import TABLE_ALIASES  # benchmarks/glue/glue_tables.py
 from safetensors import safe_open
 
 from pad_moe_transformers.checkpoint import unpack_mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT, relative_path  # noqa: E402
 
 MASK_SUFFIX = ".mask_packed"
 

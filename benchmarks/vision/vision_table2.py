@@ -1,8 +1,8 @@
 """Params and FLOPs of the paper's Table 2 (ResNet-10, ResNet-18, ResNet-50, MobileNetV2 x1.0; static / CondConv k=8 /
 DY-Conv k=4 / PAD kappa 0.3), measured on Transformers' models built in code (no downloads), next to the paper.
 
-    python benchmarks/vision_table2.py            # a few seconds per model on a CPU
-    python benchmarks/vision_table2.py --models resnet18 resnet50
+    python benchmarks/vision/vision_table2.py            # a few seconds per model on a CPU
+    python benchmarks/vision/vision_table2.py --models resnet18 resnet50
 
 Writes `benchmarks/results/vision_table2.json` and `.md`. Parameters: `vision.complexity.count_parameters`
 (PAD: ``kappa*K*W + (1-kappa)*W`` per convolution, everything else as stored); FLOPs: multiply-adds at
@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
-from _paths import ROOT  # benchmarks/_paths.py
 from transformers import (
     AutoModelForImageClassification,
     MobileNetV2Config,
@@ -34,6 +34,9 @@ import pad_moe_transformers  # noqa: F401  (registers the pad_dyconv Auto classe
 from pad_moe_transformers.vision import PADDyConvConfig
 from pad_moe_transformers.vision.complexity import count_flops, count_parameters
 from pad_moe_transformers.vision.condconv import convert_convs_to_condconv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
 
 KAPPA, DY_KERNELS, CONDCONV_EXPERTS = 0.3, 4, 8
 MODES = ("static", "condconv", "dyconv", "pad")

@@ -1,7 +1,7 @@
 """Mode partition of the upcycled MiniLM (8 experts, top-2) on real RTE training batches.
 
-    python benchmarks/partition_rte.py                      # CPU, a few minutes -> results/partition_rte.json
-    python benchmarks/partition_rte.py --finetune-steps 300 --seeds 0 1 2 --device cuda \\
+    python benchmarks/partition/partition_rte.py                      # CPU, a few minutes -> results/partition_rte.json
+    python benchmarks/partition/partition_rte.py --finetune-steps 300 --seeds 0 1 2 --device cuda \\
         --out benchmarks/results/partition_rte_finetune.json  # the trap-option comparison with fine-tuning
 
 Part "methods" (always): IMP vs MP vs Random at kappa = 0.5 and 0.3 with the default score, on the
@@ -25,6 +25,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +47,9 @@ from pad_moe_transformers.partition import (
     perturb_experts,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
+
 DATA_DIR = ROOT / ".." / "shared" / "data" / "glue"
 
 
@@ -368,7 +371,7 @@ def main() -> None:
     )
     parser.add_argument("--transfer-train-batches", type=int, default=30)
     parser.add_argument("--progress", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "partition_rte.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "partition_rte.json")
     args = parser.parse_args()
     logging.set_verbosity_error()
     path = args.model or default_model_path()

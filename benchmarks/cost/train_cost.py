@@ -1,8 +1,8 @@
 """What a training step costs: trainable parameters, peak live-tensor memory and step time (issue 27, part 2).
 
-    python benchmarks/train_cost.py [--seqs 32,128] [--precisions fp32,bf16] [--steps 8]
-                                    [--out benchmarks/results/train_cost.json]
-    python benchmarks/train_cost.py --smoke      # tiny shapes, seconds: checks the script runs
+    python benchmarks/cost/train_cost.py [--seqs 32,128] [--precisions fp32,bf16] [--steps 8]
+                                         [--out benchmarks/results/train_cost.json]
+    python benchmarks/cost/train_cost.py --smoke      # tiny shapes, seconds: checks the script runs
 
 Kinds, on a MiniLM-shaped model (6 layers, hidden 384, FFN 1536, vocab 30522; 8 experts, top-2), batch 32 at
 STS-B-like (32 tokens) and RTE-like (128 tokens) lengths:
@@ -35,7 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from _paths import ROOT
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT  # noqa: E402
 
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
 SMOKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522)

@@ -1,9 +1,9 @@
 """Digits accuracy of static vs CondConv vs DY-Conv vs PAD (paper Table 2 / Fig. 4 / Fig. 3, small scale).
 
-    python benchmarks/vision_quality.py                          # the table: 6 variants x 3 seeds
-    python benchmarks/vision_quality.py --max_train_samples 300  # fewer training images (harder)
-    python benchmarks/vision_quality.py --kappa_sweep            # + PAD at kappa 0.1 / 0.5 / 0.7 (Fig. 3)
-    python benchmarks/vision_quality.py --smoke                  # seconds: proves the pipeline only
+    python benchmarks/vision/vision_quality.py                          # the table: 6 variants x 3 seeds
+    python benchmarks/vision/vision_quality.py --max_train_samples 300  # fewer training images (harder)
+    python benchmarks/vision/vision_quality.py --kappa_sweep            # + PAD at kappa 0.1 / 0.5 / 0.7 (Fig. 3)
+    python benchmarks/vision/vision_quality.py --smoke                  # seconds: proves the pipeline only
 
 Runs `examples/run_image_classification.py` once per (variant, seed) with identical settings: scikit-learn's
 digits (fixed stratified 70/30 split, 1,257 / 540 images, upsampled to 32x32), a narrow ResNet-10 (width x0.25:
@@ -26,7 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from _paths import ROOT, relative_path  # benchmarks/_paths.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+from _paths import ROOT, relative_path  # noqa: E402
 
 VARIANTS = {  # name -> run_image_classification.py arguments
     "static": ["--mode", "static"],
