@@ -53,7 +53,9 @@ def rebind_optimizer(optimizer: Any, replaced: dict[int, nn.Parameter]) -> int:
     if stepped:
         raise RuntimeError(
             f"The optimizer already holds state for {len(stepped)} PAD parameters that the partition replaced by their "
-            "compact storage. Partition before the first optimizer step, or pass compact_storage=False."
+            "compact storage. Partition before the first optimizer step (IMPTrainerCallback does, in "
+            "on_train_begin), or keep the parameters this optimizer holds: "
+            "`partition_model(..., compact_storage=False)` (dense storage)."
         )
     count = 0
     for group in optimizer.param_groups:
