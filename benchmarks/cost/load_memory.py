@@ -13,6 +13,7 @@ commit (a temporary `git worktree`), in the same run.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -96,6 +97,22 @@ def measure(checkpoint: Path, tiny: Path, package_root: Path) -> dict:
     return row
 
 
+def _commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "pad_moe_transformers")
+    return git("rev-parse", "--short=10", "HEAD") + (" (dirty)" if dirty else "")
+
+
+def torch_version() -> str:
+    return importlib.metadata.version("torch")
+
+
+def transformers_version() -> str:
+    return importlib.metadata.version("transformers")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline_ref", default=None, help="git commit whose package is measured as the baseline")
@@ -137,6 +154,8 @@ def main() -> None:
     result = {
         "benchmark": "peak RSS of from_pretrained of a compact PAD checkpoint (MiniLM, 8 experts, kappa 0.5, fp32)",
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "commit": _commit(),
+        "versions_installed": {"torch": torch_version(), "transformers": transformers_version()},
         "target": "load peak <= 1.2 * (model state bytes + checkpoint file bytes)",
         "versions": rows,
     }
