@@ -80,8 +80,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--smoke", action="store_true", help="tiny model: checks the script runs")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_step"))
+    parser.add_argument("--out", default=None, help="stem; default: benchmarks/results/ (--smoke: outputs/smoke/)")
     args = parser.parse_args()
+    out_dir = ROOT / ("outputs/smoke" if args.smoke else "benchmarks/results")  # smoke never overwrites results
+    args.out = args.out or str(out_dir / "profile_step")
     if args.smoke:
         tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
         speed.MINILM = {**speed.MINILM, **tiny}

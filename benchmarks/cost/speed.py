@@ -322,11 +322,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precisions", default="fp32,bf16", help="bf16 rows run only where the CPU has native bf16")
     parser.add_argument("--compile", action="store_true", help="add torch.compile (inductor) rows for the layers")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/ (--smoke: outputs/smoke/)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and 1 repeat: checks the script runs")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    out_dir = ROOT / ("outputs/smoke" if args.smoke else "benchmarks/results")  # smoke never overwrites results
+    args.out = args.out or str(out_dir / "speed.json")
     global BATCH, SEQ, MINILM, DEVICE
     DEVICE = torch.device(args.device)
     layer_shapes = {"minilm_layer": (384, 1536), "bert_base_layer": (768, 3072)}

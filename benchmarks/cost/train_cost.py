@@ -193,10 +193,12 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-time", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 1 step: checks the script runs")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_cost.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/ (--smoke: outputs/smoke/)")
     parser.add_argument("--child", choices=("memory", "time"), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    out_dir = ROOT / ("outputs/smoke" if args.smoke else "benchmarks/results")  # smoke never overwrites results
+    args.out = args.out or str(out_dir / "train_cost.json")
     shapes = SMOKE if args.smoke else MINILM
     if args.child == "memory":
         seq, precision = int(args.seqs), args.precisions

@@ -191,7 +191,7 @@ def markdown(report: Mapping) -> str:
             cells = []
             for cost, kind in zip(COSTS, ("s", "bytes", "s", "s", "bytes")):
                 if row.get(cost) is None:
-                    missing.add(cost if cost != "wall_s" else "wall_s")
+                    missing.add(cost)
                     cells.append("-")
                 else:
                     cells.append(f"{_fmt(row[f'{cost}_vs_static'], 'ratio')} ({_fmt(row[cost], kind)})")

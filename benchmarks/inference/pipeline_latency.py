@@ -116,8 +116,10 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16", help="bf16: the model loaded in bf16 (dtype=)")
     parser.add_argument("--data_dir", default=str(ROOT / DEFAULT_GLUE_DIR))
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_latency.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/ (--smoke: outputs/smoke/)")
     args = parser.parse_args()
+    out_dir = ROOT / ("outputs/smoke" if args.smoke else "benchmarks/results")  # smoke never overwrites results
+    args.out = args.out or str(out_dir / "pipeline_latency.json")
     transformers.logging.set_verbosity_error()
     precisions = [p for p in args.precisions.split(",") if p == "fp32" or native_bf16_available()]
     sentences = _sentences(Path(args.data_dir), SENTENCES_B32)
