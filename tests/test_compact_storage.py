@@ -288,7 +288,8 @@ def test_gradient_checkpointing_with_compact_storage():
         m.train()  # checkpointing is active in train mode; the recomputation replays the dropout RNG
         torch.manual_seed(4)
         m(**batch).loss.backward()
-    assert model.is_gradient_checkpointing
+    # Transformers 5.25 renames the flag (is_gradient_checkpointing warns there); 5.23 has only the old name
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     for name, grad in _grads(reference).items():
         torch.testing.assert_close(_grads(model)[name], grad, msg=name)
 
