@@ -101,8 +101,9 @@ def router_measures(model, run_dir: Path, task_name: str, data_dir: str, samples
             *[t[start : start + 64] for t in texts], truncation=True, max_length=128, padding=True, return_tensors="pt"
         )
         out = model(**batch, output_router_logits=True)
-        for logits in out.router_logits:  # one (real tokens, E) tensor per MoE layer; padding is not routed
-            top1.append(torch.softmax(logits.float(), -1).max(-1).values.mean().item())
+        real = batch["attention_mask"].reshape(-1).bool()
+        for logits in out.router_logits:  # one (batch * seq, E) tensor per MoE layer: every position is routed
+            top1.append(torch.softmax(logits[real].float(), -1).max(-1).values.mean().item())  # real tokens only
     entropies = []
     for counts in model.expert_usage().values():
         p = torch.tensor(counts, dtype=torch.float) / max(1, sum(counts))
