@@ -253,3 +253,34 @@ def test_frontier_table_runs_each_configuration_at_its_models_pick(tmp_path):
     with pytest.raises(SystemExit, match="partial"):
         argv = ["--table", "frontier", "--lr_report", str(lr_report), "--report_only", "--out", str(tmp_path / "f")]
         glue_quality.main(argv)
+
+
+def test_timed_table_reuses_only_runs_that_ran_alone(tmp_path, monkeypatch):
+    """The whole-run table's figure is the wall time: a run that ran beside another is measured again."""
+    from glue_tables import get_table
+
+    table = get_table("wholerun")
+    assert table.timed and not get_table("1").timed
+    with pytest.raises(SystemExit, match="--parallel 1"):
+        glue_quality.main(["--table", "wholerun", "--parallel", "2", "--out", str(tmp_path / "w")])
+    args = glue_quality.parse_args(["--parallel", "1", "--work_dir", str(tmp_path)])
+    args.precision_args, args.extra, args.threads, args.timed, args.reported = [], [], 2, True, {}
+    settings = glue_quality.run_settings(table, "rte", "static", 42, args)
+    record = glue_quality.run_dir(settings, tmp_path) / "benchmark_run.json"
+    record.parent.mkdir(parents=True)
+    ran = []
+
+    def start(*command, **kwargs):  # the run is started (and stopped here)
+        ran.append(command)
+        raise OSError("not run in the test")
+
+    monkeypatch.setattr(glue_quality.subprocess, "run", start)
+    for threads, reused in ((2, True), (1, False)):  # 1 thread: it ran beside another job
+        record.write_text(json.dumps({"settings": settings, "threads": threads, "score": 50.0}))
+        ran.clear()
+        if reused:
+            assert glue_quality.execute(settings, args)["reused"] and not ran
+        else:
+            with pytest.raises(OSError):
+                glue_quality.execute(settings, args)
+            assert ran  # it started the run again

@@ -198,7 +198,10 @@ def finished_run(settings: dict, work_dir: Path, reported: dict[str, dict] | Non
 def execute(settings: dict, args: argparse.Namespace) -> dict:
     """Run one job (or reuse it when finished with the same settings) and return its record."""
     if not args.rerun and (previous := finished_run(settings, Path(args.work_dir), args.reported)):
-        return {**previous, "reused": True}
+        alone = args.in_process or args.parallel == 1
+        if not args.timed or (alone and previous.get("threads") == (1 if args.in_process else args.threads)):
+            return {**previous, "reused": True}
+        # a timed table's run that ran beside another (or with other threads): its wall time is not a cost
     output_dir = run_dir(settings, Path(args.work_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     argv, record_path = run_argv(settings, output_dir), output_dir / "paired_run.json"
@@ -389,6 +392,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.reported = reported_runs(Path(args.reports_dir) if args.reports_dir else default_reports)
     args.precision, args.precision_args = resolve_precision(args.precision)
     args.threads, args.git = max(1, (os.cpu_count() or 1) // args.parallel), git_commit()
+    args.timed = table.timed
+    if table.timed and args.parallel != 1 and not (args.report_only or args.in_process):
+        raise SystemExit(f"--table {table.name} measures wall times: run it with --parallel 1 (one run at a time).")
     if table.hub and not args.report_only and not hub_reachable():
         report = write(table, [], args, complete=False, status="not run: offline")
         print(f"{table.title}: not run: offline (the hub dataset cannot be downloaded).", flush=True)

@@ -28,6 +28,9 @@ class Table:
     """`{"a - b": {task: paper's difference}}` (BERT-base)."""
     hub: bool = False
     """Data from the hub (`nyu-mll/glue`) instead of the local TSVs."""
+    timed: bool = False
+    """The table's figure is the wall time: a finished run is reused only if it ran alone with this run's thread
+    count (never a run of a table that ran several at a time), and the table itself runs one at a time."""
     best_of: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """`{model: its variants}` (e.g. one per learning rate): the report picks each model's best variant per task on
     the dev seed mean, and `comparisons` (between models) are made at those picks. Empty: no selection."""
@@ -124,6 +127,7 @@ TABLES = {
                    for k in (0.3, 0.1, 0.5)},  # 0.3 first: issue 27's set; 0.1 and 0.5 for the frontier
             },
             (("pad", "moe"), ("pad", "static"), ("pad_k0.1", "static"), ("pad_neuron_k0.3", "moe"), ("moe", "static")),
+            timed=True,
         ),
         Table(
             "lr", "Learning rate per model: static / MoE / PAD (kappa 0.5, IMP) at lr 5e-5, 1e-4, 2e-4, 5e-4",
