@@ -31,9 +31,7 @@ import json
 import multiprocessing as mp
 import platform
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -46,6 +44,7 @@ from pad_moe_transformers.experts import ExpertWeights
 from pad_moe_transformers.precision import native_bf16_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
+import _timing as timing  # noqa: E402
 from _paths import ROOT  # noqa: E402
 
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
@@ -196,14 +195,7 @@ def median_time(fn, repeats: int, warmup: int = 2) -> float:
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timing.median_time(run, repeats, warmup)
 
 
 def bench_layer(hidden: int, inter: int, repeats: int, precision: str, compile_layers: bool) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
 from _paths import ROOT, portable_path  # noqa: E402
+from _timing import median_time  # noqa: E402
 
 KINDS = ("plain", "pad")
 RUNTIMES = ("pytorch", "onnxruntime")
@@ -78,17 +78,6 @@ def inputs_for(model, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
 
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
     import onnxruntime
 
@@ -116,7 +105,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
             inputs = inputs_for(model, batch, args.seq_len)
             expected[batch] = model(**inputs).logits
             repeats = args.repeats if batch > 1 else args.repeats * 4
-            row[f"pytorch_b{batch}_s"] = median_time(lambda inputs=inputs: model(**inputs), repeats)
+            row[f"pytorch_b{batch}_s"] = median_time(lambda inputs=inputs: model(**inputs), repeats, warmup=2)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -124,7 +113,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path) -> dict:
     for batch in args.batches:
         feed = {name: tensor.numpy() for name, tensor in inputs_for(model, batch, args.seq_len).items()}
         repeats = args.repeats if batch > 1 else args.repeats * 4
-        row[f"onnxruntime_b{batch}_s"] = median_time(lambda feed=feed: session.run(["logits"], feed), repeats)
+        row[f"onnxruntime_b{batch}_s"] = median_time(lambda feed=feed: session.run(["logits"], feed), repeats, warmup=2)
         got = torch.from_numpy(session.run(["logits"], feed)[0])
         row[f"onnx_max_abs_diff_b{batch}"] = float((got - expected[batch]).abs().max())
     return row

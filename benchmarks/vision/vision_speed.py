@@ -19,15 +19,14 @@ import json
 import multiprocessing as mp
 import platform
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
 from _paths import ROOT  # noqa: E402
+from _timing import median_time  # noqa: E402
 
 KINDS = ("static", "dyconv", "pad")
 
@@ -63,16 +62,6 @@ def build(kind: str, smoke: bool, kappa: float):
     return model
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(kind: str, args: argparse.Namespace, queue) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,8 +81,8 @@ def measure(kind: str, args: argparse.Namespace, queue) -> None:
         model(pixels, labels=labels).loss.backward()
         optimizer.step()
 
-    result = {"kind": kind, "forward_s": median_seconds(forward, args.repeats)}
-    result["train_step_s"] = median_seconds(train_step, args.repeats)
+    result = {"kind": kind, "forward_s": median_time(forward, args.repeats)}
+    result["train_step_s"] = median_time(train_step, args.repeats)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["parameters"] = sum(p.numel() for p in model.parameters())
     queue.put(result)
