@@ -104,9 +104,8 @@ class DecodeCompact(ConversionOps):
         # The model was built dense (on the meta device: no storage). The layer takes the compact parameters of this
         # checkpoint's nnz(M) now, and the loader fills them; the dense names it expected are not missing.
         linear._set_compact_parameters(expert_values.shape[-1])
-        for name in ("expert_weight", "static_weight"):
-            if missing_keys is not None:
-                missing_keys.discard(f"{prefix}.{name}")
+        if missing_keys is not None:
+            missing_keys.difference_update({f"{prefix}.expert_weight", f"{prefix}.static_weight"})
         mask = unpack_mask(packed, linear.mask.numel()).view(shape)
         # Full names: the loader's renaming keeps keys that are not part of the layer name it converted.
         loaded = {"expert_values": expert_values, "static_values": static_values, "mask": mask}
