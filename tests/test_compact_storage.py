@@ -324,7 +324,7 @@ def test_training_step_peak_memory_follows_the_stored_entries(tmp_path):
             optimizer.zero_grad(set_to_none=True)
 
         step()  # the moments exist from here on: the second step's peak is the steady state
-        peaks[compact] = traced_peak_bytes(step, tmp_path)
+        peaks[compact] = traced_peak_bytes(lambda step=step: step, tmp_path)
     pad_bytes = sum(
         4 * (m.num_experts * m.mask.numel() + m.mask.numel()) for m in _pad_weights(_partitioned(compact=False))
     )
