@@ -14,6 +14,10 @@ Joins result files that other benchmarks write (it runs nothing itself):
 - stored bytes: `checkpoint_size.json` (bf16 files; neuron-structured PAD stores as many values and mask bits as
   element-wise PAD at the same kappa, so it has that size).
 
+`--quality` reads the scores from other `glue_quality.py` reports instead (e.g. `glue_table1.json glue_table3.json`,
+every model at lr 1e-4): the first file that scores a configuration on a task gives its row, each row says its
+learning rate, and the table is marked provisional, since those runs are not at each model's best learning rate.
+
 Every cost is also given as a ratio to static (the plain fine-tuned model) of the same file. A figure the inputs lack
 is left empty, and the table says which command fills it. Writes `<out>.json`, `<out>.md` and `<out>.png` (score
 against whole-run cost per task, seed spread as error bars, the Pareto front drawn).
@@ -38,6 +42,7 @@ LABELS = {
     "pad_neuron_k0.3": "PAD neuron kappa 0.3", "pad_neuron_k0.5": "PAD neuron kappa 0.5",
 }  # fmt: skip
 # How each input file names a configuration (the rest use the frontier's names).
+QUALITY_NAMES = {"pad_k0.5": "pad"}  # Table 1's name, tried after the frontier's
 WHOLERUN_NAMES = {"pad_k0.5": "pad"}
 COST_NAMES = {"static": "dense"}
 CHECKPOINT_NAMES = {
@@ -61,14 +66,28 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _learning_rate(report: Mapping, variant: str, task: str) -> float | None:
+    rate = (report.get("variants", {}).get(variant) or {}).get("learning_rate")
+    if rate is None:
+        rate = report.get("settings", {}).get("learning_rate")
+    return rate.get(task) if isinstance(rate, Mapping) else rate
+
+
 def quality(report: Mapping, task: str) -> dict[str, dict]:
-    """`{config: {"score", "std", "n", "parameters"}}` from the frontier table's report."""
+    """`{config: {"score", "std", "n", "parameters", "learning_rate"}}` from a `glue_quality.py` report (the
+    frontier's, or another table's where it names the configuration `QUALITY_NAMES` says)."""
     out = {}
+    variants = report.get("stats", {}).get("variants", {})
     for config in CONFIGS:
-        est = (report.get("stats", {}).get("variants", {}).get(config) or {}).get(task)
-        if est:
-            parameters = (report.get("per_variant", {}).get(config) or {}).get("parameters")
-            out[config] = {"score": est["mean"], "std": est["std"], "n": est["n"], "parameters": parameters}
+        name = next((n for n in (config, QUALITY_NAMES.get(config)) if n and (variants.get(n) or {}).get(task)), None)
+        if name is None:
+            continue
+        est = variants[name][task]
+        parameters = (report.get("per_variant", {}).get(name) or {}).get("parameters")
+        out[config] = {
+            "score": est["mean"], "std": est["std"], "n": est["n"], "parameters": parameters,
+            "learning_rate": _learning_rate(report, name, task),
+        }  # fmt: skip
     return out
 
 
@@ -92,9 +111,15 @@ def latencies(report: Mapping) -> dict[str, dict[str, float]]:
     }
 
 
-def stored_bytes(report: Mapping) -> dict[str, int]:
-    rows = {row["name"]: row["bytes_bf16"] for row in report.get("rows", [])}
-    return {c: rows[CHECKPOINT_NAMES[c]] for c in CONFIGS if CHECKPOINT_NAMES[c] in rows}
+def stored_bytes(report: Mapping) -> dict[str, dict[str, int]]:
+    """`{config: {"stored_bytes", "parameters"}}` of the bf16 checkpoints (the parameters, as the paper counts them,
+    stand in where a configuration has no score yet)."""
+    rows = {row["name"]: row for row in report.get("rows", [])}
+    return {
+        c: {"stored_bytes": rows[name]["bytes_bf16"], "parameters": rows[name].get("parameters")}
+        for c in CONFIGS
+        if (name := CHECKPOINT_NAMES[c]) in rows
+    }
 
 
 def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
@@ -112,23 +137,35 @@ def pareto_front(points: Mapping[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda name: points[name][0])
 
 
-def build(results: Path) -> dict:
-    frontier = _read(results / "glue_frontier.json")
+def build(results: Path, quality_files: Sequence[str] = ("glue_frontier.json",)) -> dict:
+    """The joined report. `quality_files` (in `results`) give the scores; the first that scores a configuration on a
+    task wins. Only the frontier's own complete report makes the table final."""
+    reports = [_read(results / name) for name in quality_files]
+    frontier = reports[0]
+    provisional = list(quality_files) != ["glue_frontier.json"]
     latency, stored = latencies(_read(results / "pipeline_latency.json")), stored_bytes(
         _read(results / "checkpoint_size.json")
     )
     cost_file = _read(results / "train_cost.json")
-    tasks = frontier.get("tasks") or list(TOKENS)
-    out: dict = {"tasks": {}, "sources": {}, "frontier_complete": bool(frontier.get("complete"))}
+    tasks = [t for t in TOKENS if any(t in (r.get("tasks") or ()) for r in reports)] or list(TOKENS)
+    out: dict = {
+        "tasks": {}, "sources": {}, "quality_files": list(quality_files), "provisional": provisional,
+        "frontier_complete": bool(frontier.get("complete")) and not provisional,
+    }  # fmt: skip
     for task in tasks:
-        scores = quality(frontier, task)
+        scores: dict[str, dict] = {}
+        for report in reports:
+            scores = {**quality(report, task), **scores}
         wholerun = _read(results / f"glue_wholerun_{task}.json")
         walls, memory = wall_times(wholerun), train_memory(cost_file, task)
         rows = {}
         for config in CONFIGS:
             row = {**scores.get(config, {}), "wall_s": walls.get(config), "train_memory_bytes": memory.get(config)}
             row.update(latency.get(config, {}))
-            row["stored_bytes"] = stored.get(config)
+            checkpoint = stored.get(config, {})
+            row["stored_bytes"] = checkpoint.get("stored_bytes")
+            if not row.get("parameters"):
+                row["parameters"] = checkpoint.get("parameters")
             rows[config] = row
         static = rows["static"]
         for row in rows.values():
@@ -144,8 +181,8 @@ def build(results: Path) -> dict:
             "wholerun_complete": wholerun.get("complete"),
         }
     out["sources"].update(
-        frontier_commit=(frontier.get("git") or {}).get("commit"),
-        lr_picks=(frontier.get("variants") or {}),
+        quality_commits={name: (r.get("git") or {}).get("commit") for name, r in zip(quality_files, reports)},
+        lr_picks=None if provisional else (frontier.get("variants") or {}),
         train_cost_commit=(cost_file.get("setup") or {}).get("commit"),
     )
     return out
@@ -163,18 +200,75 @@ def _fmt(value, kind: str) -> str:
     return str(value)
 
 
+GLANCE_BEGIN, GLANCE_END = "<!-- frontier:glance -->", "<!-- /frontier:glance -->"
+"""Marks around the compact table in `frontier.md`; the README carries the same block (a test compares them)."""
+
+
+def _ratio_pair(rows: Mapping[str, Mapping], tasks: Sequence[str], config: str, cost: str) -> str:
+    values = [(rows[t][config].get(f"{cost}_vs_static")) for t in tasks]
+    return " / ".join(f"{v:.2f}x" if v is not None else "-" for v in values)
+
+
+def glance(report: Mapping) -> str:
+    """The README's compact table: one row per configuration, the score per task and each cost as a ratio to static
+    (a cost that differs per task, training time and memory, as `STS-B / RTE`), between `GLANCE_BEGIN` / `_END`."""
+    tasks = list(report["tasks"])
+    rows = {task: block["rows"] for task, block in report["tasks"].items()}
+    names = {"stsb": "STS-B", "rte": "RTE", "cola": "CoLA", "mrpc": "MRPC"}
+    per_task = " / ".join(names.get(t, t) for t in tasks)
+    lines = [
+        GLANCE_BEGIN,
+        "| configuration | params | " + " | ".join(f"{names.get(t, t)} dev" for t in tasks)
+        + f" | training time ({per_task}) | training memory ({per_task}) | latency b1 / b32 | checkpoint |",
+        "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for config in CONFIGS:
+        first = next((rows[t][config] for t in tasks if rows[t][config].get("parameters")), {})
+        params = f"{first['parameters'] / 1e6:.1f}M" if first else "-"
+        scored = (rows[t][config] for t in tasks)
+        scores = [f"{r['score']:.2f} +- {r['std'] or 0:.2f}" if "score" in r else "-" for r in scored]
+        latency = " / ".join(
+            f"{v:.2f}x" if (v := rows[tasks[0]][config].get(f"{c}_vs_static")) is not None else "-"
+            for c in ("latency_b1_s", "latency_b32_s")
+        )
+        stored = rows[tasks[0]][config].get("stored_bytes_vs_static")
+        cells = [
+            LABELS[config], params, *scores, _ratio_pair(rows, tasks, config, "wall_s"),
+            _ratio_pair(rows, tasks, config, "train_memory_bytes"), latency, f"{stored:.2f}x" if stored else "-",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(GLANCE_END)
+    return "\n".join(lines) + "\n"
+
+
+def paste_glance(path: Path, table: str) -> None:
+    """Replace the block between the glance marks of `path` (the README) with `table`."""
+    text = path.read_text(encoding="utf-8")
+    if GLANCE_BEGIN not in text or GLANCE_END not in text:
+        raise ValueError(f"{path} has no {GLANCE_BEGIN} ... {GLANCE_END} block to replace; add the two marks first.")
+    head, rest = text.split(GLANCE_BEGIN, 1)
+    tail = rest.split(GLANCE_END, 1)[1]
+    path.write_text(head + table.rstrip("\n") + tail, encoding="utf-8")
+
+
 def markdown(report: Mapping) -> str:
     lines = [
         "# Quality-cost frontier (MiniLM, 8 experts top-2, GLUE dev)",
         "",
-        "Dev score: mean +- std over paired seeds, each configuration at its model's best dev learning rate (picked on "
-        "dev, as the paper does). Costs as ratios to static (the plain fine-tuned MiniLM): whole 3-epoch run (bf16, "
+        "Dev score: mean +- std over paired seeds at the learning rate in the lr column (in the frontier's own runs, "
+        "each model's best dev learning rate, picked on dev as the paper does, so optimistic). Costs as ratios to "
+        "static (the plain fine-tuned MiniLM): whole 3-epoch run (bf16, "
         "one run at a time), peak training memory (live tensors, batch 32, bf16), merged inference through "
         "`pipeline` at batch 1 and 32 (bf16), checkpoint bytes (bf16). *On the Pareto front: no other configuration "
         "scores higher for less whole-run time.",
     ]
-    if not report["frontier_complete"]:
+    if report.get("provisional"):
+        files = ", ".join(f"`{name}`" for name in report["quality_files"])
+        lines += ["", f"**Provisional:** the scores come from {files}, not from the frontier's runs: each row is at "
+                  "the learning rate it names, not necessarily its model's best."]  # fmt: skip
+    elif not report["frontier_complete"]:
         lines += ["", "**Partial:** the frontier's quality runs are not all finished."]
+    lines += ["", "## At a glance (costs as ratios to static)", "", glance(report).rstrip("\n")]
     missing = set()
     for task, block in report["tasks"].items():
         front = set(block["pareto_front"])
@@ -182,8 +276,9 @@ def markdown(report: Mapping) -> str:
             "",
             f"## {task.upper()} (training memory at {block['tokens']} tokens)",
             "",
-            "| configuration | dev score | params | whole run | train memory | latency b1 | latency b32 | stored |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| configuration | lr | dev score | params | whole run | train memory | latency b1 | latency b32 "
+            "| stored |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for config, row in block["rows"].items():
             score = f"{row['score']:.2f} +- {row['std'] or 0:.2f} (n={row['n']})" if "score" in row else "-"
@@ -198,9 +293,11 @@ def markdown(report: Mapping) -> str:
             if "score" not in row:
                 missing.add("score")
             name = LABELS[config] + (" *" if config in front else "")
-            lines.append(f"| {name} | {score} | {params} | " + " | ".join(cells) + " |")
+            rate = f"{row['learning_rate']:g}" if row.get("learning_rate") else "-"
+            lines.append(f"| {name} | {rate} | {score} | {params} | " + " | ".join(cells) + " |")
     if missing:
-        lines += ["", "Empty cells are filled by: " + "; ".join(f"`{FILLED_BY[m]}`" for m in sorted(missing)) + "."]
+        commands = sorted({FILLED_BY[m] for m in missing})
+        lines += ["", "Empty cells are filled by: " + "; ".join(f"`{c}`" for c in commands) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -239,13 +336,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="Where the inputs are.")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "frontier"), help="Output stem.")
+    parser.add_argument(
+        "--quality", nargs="+", default=["glue_frontier.json"],
+        help="Score reports in --results, first match wins (default: the frontier's own; others make it provisional).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--readme", default=None,
+        help="Also replace the compact table between the frontier:glance marks of this file (e.g. README.md).",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    report = build(Path(args.results))
+    report = build(Path(args.results), args.quality)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     out.with_suffix(".md").write_text(markdown(report))
     plot(report, out.with_suffix(".png"))
+    if args.readme:
+        paste_glance(Path(args.readme), glance(report))
     print(out.with_suffix(".md").read_text())
     return report
 
