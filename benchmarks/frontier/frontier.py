@@ -205,8 +205,7 @@ GLANCE_BEGIN, GLANCE_END = "<!-- frontier:glance -->", "<!-- /frontier:glance --
 
 
 def _ratio_pair(rows: Mapping[str, Mapping], tasks: Sequence[str], config: str, cost: str) -> str:
-    values = [(rows[t][config].get(f"{cost}_vs_static")) for t in tasks]
-    return " / ".join(f"{v:.2f}x" if v is not None else "-" for v in values)
+    return " / ".join(_fmt(rows[t][config].get(f"{cost}_vs_static"), "ratio") for t in tasks)
 
 
 def glance(report: Mapping) -> str:
@@ -227,14 +226,12 @@ def glance(report: Mapping) -> str:
         params = f"{first['parameters'] / 1e6:.1f}M" if first else "-"
         scored = (rows[t][config] for t in tasks)
         scores = [f"{r['score']:.2f} +- {r['std'] or 0:.2f}" if "score" in r else "-" for r in scored]
-        latency = " / ".join(
-            f"{v:.2f}x" if (v := rows[tasks[0]][config].get(f"{c}_vs_static")) is not None else "-"
-            for c in ("latency_b1_s", "latency_b32_s")
-        )
-        stored = rows[tasks[0]][config].get("stored_bytes_vs_static")
+        first_task = rows[tasks[0]][config]  # latency and bytes do not depend on the task
+        latency = " / ".join(_fmt(first_task.get(f"{c}_vs_static"), "ratio") for c in ("latency_b1_s", "latency_b32_s"))
         cells = [
             LABELS[config], params, *scores, _ratio_pair(rows, tasks, config, "wall_s"),
-            _ratio_pair(rows, tasks, config, "train_memory_bytes"), latency, f"{stored:.2f}x" if stored else "-",
+            _ratio_pair(rows, tasks, config, "train_memory_bytes"), latency,
+            _fmt(first_task.get("stored_bytes_vs_static"), "ratio"),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(GLANCE_END)
