@@ -12,11 +12,15 @@ from .configuration_pad_moe import PADMoEConfig
 from .moe import PADMoEFeedForward
 
 
-def convert_ffn_to_pad_moe(base_model: nn.Module, config: PADMoEConfig) -> list[PADMoEFeedForward]:
+def convert_ffn_to_pad_moe(
+    base_model: nn.Module, config: PADMoEConfig, keep_copies: bool = True
+) -> list[PADMoEFeedForward]:
     """Replace the FFN of the selected layers of `base_model` (the family's base model) in place.
 
     Each PAD-MoE layer is upcycled from the FFN it replaces, so the output is unchanged as long
-    as the experts are not trained apart. Returns the new layers in order.
+    as the experts are not trained apart. With `keep_copies=False` (a model built from its config alone, whose FFN
+    is random) the copies are left for Transformers' init pass to draw, one expert independently of another, as a
+    Mixtral built from its config. Returns the new layers in order.
     """
     layout = get_layout(config.base_model_type)
     try:
@@ -77,7 +81,7 @@ def convert_ffn_to_pad_moe(base_model: nn.Module, config: PADMoEConfig) -> list[
         # `_is_hf_initialized` flag; without it the upcycled copies would be re-drawn at random. Transformers
         # has no public way to mark a tensor initialised. On the meta device (a model built to be loaded into)
         # there are no copies: the tensors stay unmarked, so the loader sees them as missing until loaded.
-        if fc_in.weight.device.type != "meta":
+        if keep_copies and fc_in.weight.device.type != "meta":
             for tensor in list(moe.parameters()) + list(moe.buffers()):
                 mark_initialized(tensor)
         setattr(in_parent, in_name, moe)

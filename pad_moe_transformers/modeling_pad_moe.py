@@ -79,10 +79,14 @@ class PADMoEPreTrainedModel(PADMergeMixin, PreTrainedModel):
         # The experts backend belongs to the PAD layers. Transformers' config setter also hands it to the family config,
         # whose model has no experts and refuses an explicit grouped_mm: the family model keeps its own default.
         set_own_experts_implementation(config.base_config, None)
+        # Given a model, its FFNs are upcycled: every expert is a copy (exact at init). Built from the config alone,
+        # the FFNs are random and identical experts would only be told apart by the router, so they are drawn
+        # independently instead (`initialize_weights`, in `post_init`), as any MoE built from its config.
+        upcycle = base_model is not None
         if base_model is None:
             base_model = self._auto_class_for_head.from_config(config.base_config)
         self.model = base_model
-        convert_ffn_to_pad_moe(self.model.base_model, config)
+        convert_ffn_to_pad_moe(self.model.base_model, config, keep_copies=upcycle)
         num_layers = len(self.named_pad_layers())
         # Tokens routed to each expert of each MoE layer since `reset_expert_usage()`: cumulative statistics
         # (like BatchNorm's running stats), updated once per forward from that forward's routing record.

@@ -125,3 +125,23 @@ def test_bf16_upcycling_keeps_router_fp32_math(tiny_bert_config, tmp_path):
     out = pad(**random_batch(), output_router_logits=True)
     assert out.router_logits[0].dtype == torch.float32
     assert torch.isfinite(out.last_hidden_state.float()).all()
+
+
+def test_config_built_model_draws_its_experts_independently(tiny_bert_config):
+    """Built from a config alone (no dense weights to upcycle), the experts are drawn one by one, as a Mixtral built
+    from its config: identical copies of a random FFN would only be told apart by the router. A model handed a dense
+    model (`base_model=`, the upcycling path) keeps exact copies."""
+    config = pmt.PADMoEConfig(base_config=tiny_bert_config.to_dict(), num_experts=4, num_experts_per_tok=2)
+    for built in (pmt.PADMoEModel(config), AutoModel.from_config(config)):
+        for moe in built.moe_layers:
+            for linear in moe.pad_linears().values():
+                experts = linear.expert_weight.detach()
+                assert not torch.equal(experts[0], experts[1])
+                assert 0.015 < experts.std().item() < 0.025  # the family's initializer_range, 0.02
+                torch.testing.assert_close(linear.static_weight, experts.mean(0))  # the never-partitioned convention
+    dense = AutoModel.from_config(tiny_bert_config)
+    upcycled = pmt.PADMoEModel(config, base_model=dense)
+    for moe in upcycled.moe_layers:
+        for linear in moe.pad_linears().values():
+            experts = linear.expert_weight.detach()
+            assert all(torch.equal(experts[0], expert) for expert in experts)
