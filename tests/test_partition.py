@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import upcycled
 from scipy.stats import spearmanr
 from transformers import AutoModelForSequenceClassification, BertConfig
 
@@ -40,7 +41,8 @@ def _tiny_model(seed: int = 0, hidden: int = 16, inter: int = 32, layers: int = 
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
     )
-    return pmt.PADMoEForSequenceClassification(pmt.PADMoEConfig(base_config=base, num_experts=experts, **pad_kwargs))
+    config = pmt.PADMoEConfig(base_config=base, num_experts=experts, **pad_kwargs)
+    return upcycled(pmt.PADMoEForSequenceClassification, config)
 
 
 def _batches(n: int = 3, batch: int = 6, seq: int = 10, seed: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -142,7 +144,7 @@ def test_gradient_score_ranks_like_brute_force_loss_change(partial):
     torch.manual_seed(0)
     base = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
                       vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = pmt.PADMoEForSequenceClassification(pmt.PADMoEConfig(base_config=base, num_experts=4)).double()
+    model = upcycled(pmt.PADMoEForSequenceClassification, pmt.PADMoEConfig(base_config=base, num_experts=4)).double()
     batches = _batches(n=2, batch=8)
     linears = pad_linears(model)
     with expert_warmup(model, batches, steps=3, lr=1e-3):

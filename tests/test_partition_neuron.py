@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import upcycled
 from scipy.stats import spearmanr
 from test_partition import _batches, _tiny_model, pad_linears
 from transformers import AutoModel, AutoModelForSequenceClassification, BertConfig
@@ -137,7 +138,7 @@ def test_neuron_score_is_the_derivative_of_the_neuron_loss_change():
     base = BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
                       vocab_size=50, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     config = pmt.PADMoEConfig(base_config=base, num_experts=4, partition_granularity="neuron")
-    model = pmt.PADMoEForSequenceClassification(config).double()
+    model = upcycled(pmt.PADMoEForSequenceClassification, config).double()
     moe = pad_layers(model)["layer.0"]
     with torch.no_grad():
         moe.fc_in.expert_bias.add_(1e-3 * torch.randn_like(moe.fc_in.expert_bias))
