@@ -275,12 +275,50 @@ def test_timed_table_reuses_only_runs_that_ran_alone(tmp_path, monkeypatch):
         raise OSError("not run in the test")
 
     monkeypatch.setattr(glue_quality.subprocess, "run", start)
+    probes = []  # the host's speed is probed next to every timed run (`_timing.host_probe`)
+    monkeypatch.setattr(glue_quality, "host_probe", lambda threads: probes.append(threads) or {"matmul_ms": 1.0})
     for threads, reused in ((2, True), (1, False)):  # 1 thread: it ran beside another job
         record.write_text(json.dumps({"settings": settings, "threads": threads, "score": 50.0}))
         ran.clear()
         if reused:
-            assert glue_quality.execute(settings, args)["reused"] and not ran
+            assert glue_quality.execute(settings, args)["reused"] and not ran and not probes
         else:
             with pytest.raises(OSError):
                 glue_quality.execute(settings, args)
-            assert ran  # it started the run again
+            assert ran and ran[0][0][1].endswith("glue_paired.py")  # it started the run again
+            assert probes == [2]  # with the run's thread count, before it
+
+
+def test_host_probe_and_its_column_in_timed_reports():
+    """`_timing.host_probe` times its two workloads in a fresh process; a timed report shows the mean probe of each
+    variant's runs (before and after each) next to the wall time, and an untimed report no such column."""
+    import _timing
+    import glue_report
+    from glue_tables import get_table
+
+    probe = _timing.host_probe(1)
+    assert set(probe) == {"matmul_ms", "memory_ms"} and all(0 < v < 60_000 for v in probe.values())
+    table = get_table("wholerun")
+    runs = []
+    for i, variant in enumerate(table.variants):
+        before, after = {"matmul_ms": 50.0 + i, "memory_ms": 100.0}, {"matmul_ms": 52.0 + i, "memory_ms": 110.0}
+        host = {"before": before, "after": after}
+        pairing = {"data_order": "x", "head_init_checksum": 42, "router_init_checksum": None}
+        runs.append({"variant": variant, "task": "stsb", "seed": 42, "score": 80.0 + i, "wall_s": 300.0 + i,
+                     "host_probe": host if variant != "moe" else None, **pairing})  # fmt: skip
+    report = glue_report.build(table, runs, glue_quality.MAIN_METRIC, ["stsb"])
+    assert report["per_variant"]["static"]["host_probe_ms"] == {"matmul_ms": 51.0, "memory_ms": 105.0}
+    assert report["per_variant"]["moe"]["host_probe_ms"] is None
+    settings = {"tasks": ["stsb"], "seeds": [42], "epochs": 3.0, "learning_rate": 1e-4, "batch_size": 32,
+                "max_train_samples": "all", "max_steps": 0, "model": "m", "extra": [], "parallel_runs": 1,
+                "threads_per_run": 2, "smoke": False}  # fmt: skip
+    report.update(status="ok", complete=True, precision="bf16", device="cpu", git={"commit": "abc"}, runs=runs,
+                  settings=settings)  # fmt: skip
+    md = glue_report.markdown(table, report, glue_quality.MAIN_METRIC)
+    assert "| wall/run (s) | host probe matmul / memory (ms) |" in md
+    assert "| static | ? | 80.00 | 80.00 | 300 | 51.0 / 105 |" in md and "| moe | ? | 81.00 | 81.00 | 301 | - |" in md
+    for run in runs:
+        run["host_probe"] = None
+    untimed = glue_report.build(table, runs, glue_quality.MAIN_METRIC, ["stsb"])
+    untimed.update({k: report[k] for k in ("status", "complete", "precision", "device", "git", "runs", "settings")})
+    assert "host probe" not in glue_report.markdown(table, untimed, glue_quality.MAIN_METRIC)

@@ -49,6 +49,7 @@ from glue_tables import TABLE_ALIASES, Table, custom_table, get_table  # benchma
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
 from _paths import DEFAULT_GLUE_DIR, ROOT, portable_path, relative_path  # noqa: E402
+from _timing import host_probe  # noqa: E402
 
 MAIN_METRIC = {
     "cola": "matthews_correlation", "rte": "accuracy", "mrpc": "f1", "stsb": "pearson", "sst2": "accuracy",
@@ -205,6 +206,10 @@ def execute(settings: dict, args: argparse.Namespace) -> dict:
     output_dir = run_dir(settings, Path(args.work_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     argv, record_path = run_argv(settings, output_dir), output_dir / "paired_run.json"
+    # A timed run's host speed on either side of it (`_timing.host_probe`): on this shared VM the same run's wall time
+    # moves by up to +-30% between sessions; the probe says whether the host moved with it.
+    probe = args.timed and not args.in_process
+    host = {"before": host_probe(args.threads)} if probe else None
     start = time.time()
     if args.in_process:
         import glue_paired  # benchmarks/glue/glue_paired.py
@@ -221,6 +226,8 @@ def execute(settings: dict, args: argparse.Namespace) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"{output_dir.name} failed (run_glue {' '.join(argv)}):\n{done.stderr[-4000:]}")
     wall = time.time() - start
+    if probe:
+        host["after"] = host_probe(args.threads)
     paired = json.loads(record_path.read_text())
     metrics = json.loads((output_dir / "all_results.json").read_text())
     if args.delete_models:
@@ -232,7 +239,7 @@ def execute(settings: dict, args: argparse.Namespace) -> dict:
         "precision": args.precision, "score": main_score(settings["task"], metrics), "metrics": metrics,
         "head_init_checksum": paired["init"]["head"], "router_init_checksum": paired["init"]["router"],
         "step0": paired.get("step0"), "data_order": paired["data_order"], "steps": paired["steps"],
-        "parameters_total": metrics.get("parameters_total"), "git": args.git,
+        "parameters_total": metrics.get("parameters_total"), "git": args.git, "host_probe": host,
     }  # fmt: skip
     (output_dir / "benchmark_run.json").write_text(json.dumps(run, indent=2))
     return run

@@ -36,6 +36,14 @@ def pairing_check(runs: Sequence[dict]) -> dict:
     return {"groups": len(groups), "ok": not problems, "problems": problems}
 
 
+def host_probe_mean(runs: Sequence[dict]) -> dict[str, float] | None:
+    """The mean of the host probes taken before and after `runs` (timed tables: `_timing.host_probe`), or None."""
+    probes = [p for r in runs if r.get("host_probe") for p in r["host_probe"].values()]
+    if not probes:
+        return None
+    return {key: round(statistics.fmean(p[key] for p in probes), 2) for key in probes[0]}
+
+
 def build(table, runs: Sequence[dict], main_metric: Mapping[str, str], tasks: Sequence[str]) -> dict:
     """Statistics and pairing check of `runs` (records with `task`, `variant`, `seed`, `score`)."""
     scores: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
@@ -52,6 +60,7 @@ def build(table, runs: Sequence[dict], main_metric: Mapping[str, str], tasks: Se
             "parameters": statistics.median(params) if params else None,
             "wall_s_mean": statistics.fmean(r["wall_s"] for r in members),
             "runs": len(members),
+            "host_probe_ms": host_probe_mean(members),
         }
     paper = {}
     for name, values in table.paper.items():
@@ -150,14 +159,25 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
     else:
         lines.append("**Pairing broken:** " + "; ".join(pairing["problems"]))
     stats, keys = report["stats"], [*tasks, "avg"]
-    lines += ["", "Mean +- std over seeds:", "", "| variant | #params | " + " | ".join(keys) + " | wall/run (s) |"]
-    lines.append("|---|---:|" + "---:|" * len(keys) + "---:|")
+    probed = any(info.get("host_probe_ms") for info in report["per_variant"].values())
+    probe_head = " host probe matmul / memory (ms) |" if probed else ""
+    lines += ["", "Mean +- std over seeds:", "", "| variant | #params | " + " | ".join(keys) + " | wall/run (s) |"
+              + probe_head, "|---|---:|" + "---:|" * len(keys) + "---:|" + ("---:|" if probed else "")]  # fmt: skip
     for variant, est in stats["variants"].items():
         info = report["per_variant"][variant]
         params = info["parameters"]
         params = "?" if not params else f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params:,.0f}"
         cells = " | ".join(glue_stats.format_estimate(est.get(k)) for k in keys)
-        lines.append(f"| {variant} | {params} | {cells} | {info['wall_s_mean']:.0f} |")
+        host = info.get("host_probe_ms")
+        probe_cell = (f" {host['matmul_ms']:.1f} / {host['memory_ms']:.0f} |" if host else " - |") if probed else ""
+        lines.append(f"| {variant} | {params} | {cells} | {info['wall_s_mean']:.0f} |{probe_cell}")
+    if probed:
+        lines += [
+            "",
+            "Host probe: two fixed workloads timed in a fresh process before and after each run"
+            " (`benchmarks/_timing.py`: a bf16 FFN on 32 x 128 tokens, one pass over 216 MiB), the mean of both; a"
+            " slower host shows as a larger figure. Whole runs move by up to +-30% between sessions here.",
+        ]
     if report.get("selection"):
         lines += selection_markdown(report["selection"], report, keys)
         stats = report["selection"]["stats"]
