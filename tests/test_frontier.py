@@ -12,6 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "fro
 import frontier  # noqa: E402  (benchmarks/ is not a package)
 
 
+def _glance(text: str) -> str:
+    return text[text.index(frontier.GLANCE_BEGIN) : text.index(frontier.GLANCE_END)]
+
+
 def test_pareto_front():
     points = {"a": (1.0, 80.0), "b": (2.0, 85.0), "c": (2.5, 84.0), "d": (3.0, 85.0), "e": (1.5, 80.0)}
     # c: b costs less and scores more; d: b scores the same for less; e: a scores the same for less
@@ -29,7 +33,8 @@ def _write(results: Path) -> None:
     walls = (("static", 100.0), ("moe", 200.0), ("pad", 150.0), ("pad_k0.1", 120.0))
     runs = [{"variant": v, "wall_s": w} for v, w in walls]
     (results / "glue_wholerun_stsb.json").write_text(json.dumps({"runs": runs, "complete": True}))
-    rows = {"dense": {"peak_train_bytes": 2**30}, "moe": {"peak_train_bytes": 2 * 2**30}}
+    rows = {"dense": {"peak_train_bytes": 2**30, "train_step_s": 0.5},
+            "moe": {"peak_train_bytes": 2 * 2**30, "train_step_s": 1.25}}  # fmt: skip
     (results / "train_cost.json").write_text(json.dumps({"seq32_bf16": {"rows": rows}, "setup": {}}))
     lat = {
         "dense": {"pipeline_b1_s": 0.005, "pipeline_b32_s": 0.001},
@@ -46,6 +51,7 @@ def test_frontier_joins_the_result_files(tmp_path):
     rows = report["tasks"]["stsb"]["rows"]
     assert rows["pad_k0.5"]["wall_s"] == 150.0 and rows["pad_k0.5"]["wall_s_vs_static"] == pytest.approx(1.5)
     assert rows["moe"]["train_memory_bytes_vs_static"] == pytest.approx(2.0)
+    assert rows["moe"]["train_step_s_vs_static"] == pytest.approx(2.5) and rows["pad_k0.5"]["train_step_s"] is None
     assert rows["pad_k0.5"]["latency_b1_s_vs_static"] == pytest.approx(2.0)
     # neuron PAD stores what element PAD stores at the same kappa
     assert rows["pad_neuron_k0.1"]["stored_bytes"] == rows["pad_k0.1"]["stored_bytes"] == 150
@@ -56,14 +62,12 @@ def test_frontier_joins_the_result_files(tmp_path):
     md = (tmp_path / "f.md").read_text()
     assert "**Partial:**" in md and "| PAD element kappa 0.5 * | - | 82.00 +- 0.50 (n=3) | 47.0M | 1.50x (150 s)" in md
     assert "Empty cells are filled by:" in md and md.count("pipeline_latency.py") == 1
+    assert "| MoE (8 experts, top-2) | - | 81.00 +- 0.50 (n=3) | 70.0M | 2.00x (200 s) | 2.50x (1250.0 ms) |" in md
     assert (tmp_path / "f.png").stat().st_size > 10_000
-    glance = md[md.index(frontier.GLANCE_BEGIN) : md.index(frontier.GLANCE_END)]
-    assert "| PAD element kappa 0.5 | 47.0M | 82.00 +- 0.50 | 1.50x | - | 2.00x / 2.00x | - |" in glance
-    assert "| PAD neuron kappa 0.1 | 27.0M | - | - | - | - / - | 1.50x |" in glance
-
-
-def _glance(text: str) -> str:
-    return text[text.index(frontier.GLANCE_BEGIN) : text.index(frontier.GLANCE_END)]
+    glance = _glance(md)
+    assert "| PAD element kappa 0.5 | 47.0M | 82.00 +- 0.50 | 1.50x | - | - | 2.00x / 2.00x | - |" in glance
+    assert "| MoE (8 experts, top-2) | 70.0M | 81.00 +- 0.50 | 2.00x | 2.50x | 2.00x | - / - | - |" in glance
+    assert "| PAD neuron kappa 0.1 | 27.0M | - | - | - | - | - / - | 1.50x |" in glance
 
 
 def test_readme_carries_the_committed_frontier():
