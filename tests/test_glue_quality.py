@@ -221,6 +221,8 @@ def test_lr_table_report_picks_each_models_best_rate_and_compares_there(tmp_path
                   settings=settings)  # fmt: skip
     md = glue_report.markdown(table, report, glue_quality.MAIN_METRIC)
     assert "| static | 5e-05 | 0.0005 |" in md and "| pad - moe |" in md and "lr per variant" in md
+    # an untimed table's runs shared the cores: no wall column, which would read as a cost
+    assert "| variant | #params | rte | stsb | avg |\n" in md and "wall/run" not in md and "No wall times here" in md
     glue_report.plot(table, report, tmp_path / "lr.png")
     assert (tmp_path / "lr.png").stat().st_size > 10_000
     # a candidate with fewer seeds leaves the selection partial

@@ -107,7 +107,7 @@ def commit_label(git: Mapping | None) -> str:
     return f"{(git.get('commit') or '?')[:10]}{' (dirty)' if git.get('dirty') else ''}"
 
 
-def provenance(runs: Sequence[dict]) -> list[str]:
+def provenance(runs: Sequence[dict], timed: bool = False) -> list[str]:
     """A line saying which commits and thread counts the runs themselves had: reused runs keep the commit they
     were run at, while the header gives the report writer's."""
     commits: dict[str, int] = defaultdict(int)
@@ -121,10 +121,8 @@ def provenance(runs: Sequence[dict]) -> list[str]:
     def counts(tally: dict[str, int]) -> str:
         return ", ".join(f"{key}: {n}" for key, n in sorted(tally.items()))
 
-    return [
-        f"Runs by commit: {counts(commits)}; by threads per run: {counts(layouts)} (wall times compare only "
-        "within one thread count)."
-    ]
+    note = " (wall times compare only within one thread count)" if timed else ""
+    return [f"Runs by commit: {counts(commits)}; by threads per run: {counts(layouts)}{note}."]
 
 
 def table_head(intro: str, first: str, keys: Sequence[str], align: str) -> list[str]:
@@ -138,6 +136,9 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
     if report["status"] != "ok":
         return "\n".join([*lines, f"**{report['status']}** (no runs; precision would be {report['precision']}).", ""])
     git, extra = report["git"], s["extra"]
+    # Wall times are costs only in a timed table (one run at a time); elsewhere runs shared the cores and may have
+    # been paused for a timed job, so a column would read as a cost it is not (the JSON keeps each `wall_s`).
+    timed = getattr(table, "timed", False)
     experts = f"{extra[extra.index('--num_experts') + 1] if '--num_experts' in extra else 8} experts top-2"
     lines += [
         f"Model {s['model']}, {experts}; {s['epochs']:g} epochs"
@@ -147,7 +148,7 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
         f"{s['parallel_runs']} run(s) at a time, {s['threads_per_run']} thread(s) each; commit "
         f"{commit_label(git)}."
         + (" **Smoke run: tiny model, 3 steps; the numbers mean nothing.**" if s["smoke"] else ""),
-        *provenance(report["runs"]),
+        *provenance(report["runs"], timed),
         f"{'Complete' if report['complete'] else '**Partial** (runs still missing)'}: {len(report['runs'])} runs. "
         "Main metric x100: " + ", ".join(f"{t}: {m}" for t, m in main_metric.items() if t in tasks) + ".",
     ]
@@ -159,18 +160,26 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
     else:
         lines.append("**Pairing broken:** " + "; ".join(pairing["problems"]))
     stats, keys = report["stats"], [*tasks, "avg"]
-    probed = any(info.get("host_probe_ms") for info in report["per_variant"].values())
-    probe_head = " host probe matmul / memory (ms) |" if probed else ""
-    lines += ["", "Mean +- std over seeds:", "", "| variant | #params | " + " | ".join(keys) + " | wall/run (s) |"
-              + probe_head, "|---|---:|" + "---:|" * len(keys) + "---:|" + ("---:|" if probed else "")]  # fmt: skip
+    probed = timed and any(info.get("host_probe_ms") for info in report["per_variant"].values())
+    extra_heads = (["wall/run (s)"] if timed else []) + (["host probe matmul / memory (ms)"] if probed else [])
+    lines += table_head("Mean +- std over seeds:", "variant", ["#params", *keys, *extra_heads], "---:")
     for variant, est in stats["variants"].items():
         info = report["per_variant"][variant]
         params = info["parameters"]
         params = "?" if not params else f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params:,.0f}"
-        cells = " | ".join(glue_stats.format_estimate(est.get(k)) for k in keys)
-        host = info.get("host_probe_ms")
-        probe_cell = (f" {host['matmul_ms']:.1f} / {host['memory_ms']:.0f} |" if host else " - |") if probed else ""
-        lines.append(f"| {variant} | {params} | {cells} | {info['wall_s_mean']:.0f} |{probe_cell}")
+        cells = [params, *(glue_stats.format_estimate(est.get(k)) for k in keys)]
+        if timed:
+            cells.append(f"{info['wall_s_mean']:.0f}")
+        if probed:
+            host = info.get("host_probe_ms")
+            cells.append(f"{host['matmul_ms']:.1f} / {host['memory_ms']:.0f}" if host else "-")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if not timed:
+        lines += [
+            "",
+            "No wall times here: these runs shared the cores and are not costs (each run's `wall_s` is in the JSON)."
+            " Costs: the whole-run tables (`--table wholerun`) and `benchmarks/cost/`.",
+        ]
     if probed:
         lines += [
             "",
