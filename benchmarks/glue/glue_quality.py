@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def lr_picks(args: argparse.Namespace) -> dict[str, dict[str, str]] | None:
     """The frontier's learning rates: each model's best per task from the finished `lr` table (`--lr_report`)."""
-    if get_table_name(args.table) != "frontier":
+    if TABLE_ALIASES.get(args.table) != "frontier":  # --table is one of the aliases, or None
         return None
     path = Path(args.lr_report)
     report = json.loads(path.read_text()) if path.is_file() else {}
@@ -377,10 +377,6 @@ def lr_picks(args: argparse.Namespace) -> dict[str, dict[str, str]] | None:
             "rate, so run `glue_quality.py --table lr` to the end first (it resumes), or pass --lr_report."
         )
     return selection["picks"]
-
-
-def get_table_name(name: str | None) -> str | None:
-    return TABLE_ALIASES.get(name, name) if name else None
 
 
 def main(argv: list[str] | None = None) -> dict:
