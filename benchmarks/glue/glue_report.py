@@ -138,7 +138,7 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
     git, extra = report["git"], s["extra"]
     # Wall times are costs only in a timed table (one run at a time); elsewhere runs shared the cores and may have
     # been paused for a timed job, so a column would read as a cost it is not (the JSON keeps each `wall_s`).
-    timed = getattr(table, "timed", False)
+    timed = table.timed
     experts = f"{extra[extra.index('--num_experts') + 1] if '--num_experts' in extra else 8} experts top-2"
     lines += [
         f"Model {s['model']}, {experts}; {s['epochs']:g} epochs"
