@@ -221,6 +221,7 @@ def test_lr_table_report_picks_each_models_best_rate_and_compares_there(tmp_path
                   settings=settings)  # fmt: skip
     md = glue_report.markdown(table, report, glue_quality.MAIN_METRIC)
     assert "| static | 5e-05 | 0.0005 |" in md and "| pad - moe |" in md and "lr per variant" in md
+    assert "Complete: 72 runs." in md
     # an untimed table's runs shared the cores: no wall column, which would read as a cost
     assert "| variant | #params | rte | stsb | avg |\n" in md and "wall/run" not in md and "No wall times here" in md
     glue_report.plot(table, report, tmp_path / "lr.png")
@@ -229,6 +230,10 @@ def test_lr_table_report_picks_each_models_best_rate_and_compares_there(tmp_path
     partial = glue_report.build(table, [r for r in runs if not (r["variant"] == "moe@5e-05" and r["seed"] == 44)],
                                 glue_quality.MAIN_METRIC, ["rte", "stsb"])  # fmt: skip
     assert not partial["selection"]["complete"]
+    partial.update({k: report[k] for k in ("status", "precision", "device", "git", "settings")}, complete=False,
+                   runs=runs[:-2])  # fmt: skip
+    partial_md = glue_report.markdown(table, partial, glue_quality.MAIN_METRIC)
+    assert "**Partial**: 70 of 72 runs (2 still missing)." in partial_md
 
 
 def test_frontier_table_runs_each_configuration_at_its_models_pick(tmp_path):

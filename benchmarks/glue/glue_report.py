@@ -130,6 +130,12 @@ def table_head(intro: str, first: str, keys: Sequence[str], align: str) -> list[
     return ["", intro, "", f"| {first} | " + " | ".join(keys) + " |", "|---|" + f"{align}|" * len(keys)]
 
 
+def _run_count(done: int, planned: int, complete: bool) -> str:
+    if complete:
+        return f"Complete: {done} runs."
+    return f"**Partial**: {done} of {planned} runs ({planned - done} still missing)."
+
+
 def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
     s, tasks = report["settings"], report["tasks"]
     lines = [f"# {report['title']}", ""] + ([f"Claim checked: {report['claim']}.", ""] if report["claim"] else [])
@@ -149,8 +155,8 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
         f"{commit_label(git)}."
         + (" **Smoke run: tiny model, 3 steps; the numbers mean nothing.**" if s["smoke"] else ""),
         *provenance(report["runs"], timed),
-        f"{'Complete' if report['complete'] else '**Partial** (runs still missing)'}: {len(report['runs'])} runs. "
-        "Main metric x100: " + ", ".join(f"{t}: {m}" for t, m in main_metric.items() if t in tasks) + ".",
+        _run_count(len(report["runs"]), len(tasks) * len(table.variants) * len(s["seeds"]), report["complete"])
+        + " Main metric x100: " + ", ".join(f"{t}: {m}" for t, m in main_metric.items() if t in tasks) + ".",
     ]
     pairing = report["pairing"]
     if pairing["ok"]:
