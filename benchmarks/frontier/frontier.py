@@ -221,6 +221,12 @@ def _ratio_pair(rows: Mapping[str, Mapping], tasks: Sequence[str], config: str, 
     return " / ".join(_fmt(rows[t][config].get(f"{cost}_vs_static"), "ratio") for t in tasks)
 
 
+def _score(row: Mapping, seeds: int) -> str:
+    """`mean +- std`, with the seed count where a partial table has fewer seeds for this row than for others."""
+    fewer = f" (n={row['n']})" if row["n"] < seeds else ""
+    return f"{row['score']:.2f} +- {row['std'] or 0:.2f}{fewer}"
+
+
 def glance(report: Mapping) -> str:
     """The README's compact table: one row per configuration, the score per task and each cost as a ratio to static
     (a cost that differs per task, training time and memory, as `STS-B / RTE`), between `GLANCE_BEGIN` / `_END`."""
@@ -235,11 +241,12 @@ def glance(report: Mapping) -> str:
         " | latency b1 / b32 | checkpoint |",
         "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|",
     ]  # fmt: skip
+    seeds = max((r["n"] for t in tasks for r in rows[t].values() if "score" in r), default=0)
     for config in CONFIGS:
         first = next((rows[t][config] for t in tasks if rows[t][config].get("parameters")), {})
         params = f"{first['parameters'] / 1e6:.1f}M" if first else "-"
         scored = (rows[t][config] for t in tasks)
-        scores = [f"{r['score']:.2f} +- {r['std'] or 0:.2f}" if "score" in r else "-" for r in scored]
+        scores = [_score(r, seeds) if "score" in r else "-" for r in scored]
         first_task = rows[tasks[0]][config]  # latency and bytes do not depend on the task
         latency = " / ".join(_fmt(first_task.get(f"{c}_vs_static"), "ratio") for c in ("latency_b1_s", "latency_b32_s"))
         cells = [
