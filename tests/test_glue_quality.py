@@ -236,6 +236,32 @@ def test_lr_table_report_picks_each_models_best_rate_and_compares_there(tmp_path
     assert "**Partial**: 70 of 72 runs (2 still missing)." in partial_md
 
 
+def test_a_diverged_run_counts_as_zero_not_as_missing():
+    """A run whose STS-B predictions are constant has an undefined Pearson (NaN): it must count as 0 in the means
+    and the learning-rate selection (left out, it would flatter the rate that diverged), and the report names it."""
+    import glue_report
+    from glue_tables import get_table
+
+    table = get_table("lr")
+    runs = []
+    for variant in ("static@0.0001", "static@0.0005"):
+        for seed in (42, 43):
+            score = float("nan") if (variant, seed) == ("static@0.0005", 43) else 86.0 + (variant == "static@0.0005")
+            pairing = {"data_order": f"stsb{seed}", "head_init_checksum": seed, "router_init_checksum": None}
+            runs.append({"variant": variant, "task": "stsb", "seed": seed, "score": score, "wall_s": 1.0, **pairing})
+    report = glue_report.build(table, runs, glue_quality.MAIN_METRIC, ["stsb"])
+    assert report["stats"]["variants"]["static@0.0005"]["stsb"]["mean"] == pytest.approx(43.5)  # (87 + 0) / 2
+    assert report["selection"]["picks"]["static"]["stsb"] == "static@0.0001"  # not the rate that diverged
+    assert report["undefined_scores"] == ["stsb static@0.0005 seed 43"]
+    settings = {"tasks": ["stsb"], "seeds": [42, 43], "epochs": 3.0, "learning_rate": "per variant", "batch_size": 32,
+                "max_train_samples": "all", "max_steps": 0, "model": "m", "extra": [], "parallel_runs": 2,
+                "threads_per_run": 1, "smoke": False}  # fmt: skip
+    report.update(status="ok", complete=False, precision="bf16", device="cpu", git={"commit": "abc"}, runs=runs,
+                  settings=settings)  # fmt: skip
+    md = glue_report.markdown(table, report, glue_quality.MAIN_METRIC)
+    assert "Diverged, scored 0: stsb static@0.0005 seed 43" in md
+
+
 def test_frontier_table_runs_each_configuration_at_its_models_pick(tmp_path):
     from glue_tables import get_table
 

@@ -7,6 +7,7 @@ initialisation, the same router initialisation among the variants that have rout
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -44,11 +45,19 @@ def host_probe_mean(runs: Sequence[dict]) -> dict[str, float] | None:
     return {key: round(statistics.fmean(p[key] for p in probes), 2) for key in probes[0]}
 
 
+def counted_score(run: Mapping) -> float:
+    """The score a run counts with. A diverged run can predict one constant, and a correlation of a constant is
+    undefined (STS-B Pearson: NaN); it counts as 0 (no correlation), since leaving it out would flatter the setting
+    that diverged (a learning rate, say). The record keeps the NaN."""
+    return 0.0 if math.isnan(run["score"]) else run["score"]
+
+
 def build(table, runs: Sequence[dict], main_metric: Mapping[str, str], tasks: Sequence[str]) -> dict:
     """Statistics and pairing check of `runs` (records with `task`, `variant`, `seed`, `score`)."""
     scores: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for run in runs:
-        scores[run["variant"]][run["task"]][run["seed"]] = run["score"]
+        scores[run["variant"]][run["task"]][run["seed"]] = counted_score(run)
+    undefined = [f"{r['task']} {r['variant']} seed {r['seed']}" for r in runs if math.isnan(r["score"])]
     order = [v for v in table.variants if v in scores]
     comparisons = () if table.best_of else table.comparisons  # with a selection: compared at the picks
     stats = glue_stats.summarise({v: scores[v] for v in order}, list(tasks), comparisons)
@@ -74,7 +83,7 @@ def build(table, runs: Sequence[dict], main_metric: Mapping[str, str], tasks: Se
         "table": table.name, "title": table.title, "claim": table.claim, "tasks": list(tasks), "selection": selection,
         "main_metric": {t: main_metric[t] for t in tasks}, "variants": {v: table.variants[v] for v in table.variants},
         "comparisons": [f"{a} - {b}" for a, b in table.comparisons], "stats": stats, "per_variant": extras,
-        "paper_bert_base": paper, "pairing": pairing_check(runs),
+        "paper_bert_base": paper, "pairing": pairing_check(runs), "undefined_scores": sorted(undefined),
     }  # fmt: skip
 
 
@@ -165,6 +174,12 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
         )
     else:
         lines.append("**Pairing broken:** " + "; ".join(pairing["problems"]))
+    if report.get("undefined_scores"):
+        lines.append(
+            "Diverged, scored 0: " + ", ".join(report["undefined_scores"]) + " (the metric is undefined, NaN: the "
+            "predictions are constant or not finite; counted as no correlation rather than left out, which would "
+            "flatter the setting that diverged)."
+        )
     stats, keys = report["stats"], [*tasks, "avg"]
     probed = timed and any(info.get("host_probe_ms") for info in report["per_variant"].values())
     extra_heads = (["wall/run (s)"] if timed else []) + (["host probe matmul / memory (ms)"] if probed else [])
