@@ -94,7 +94,8 @@ def git_commit() -> dict:
         done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    dirty = git("status", "--porcelain", "--", "pad_moe_transformers", "examples", "benchmarks")
+    # the result files are rewritten while a table runs: they do not make the code that ran dirty
+    dirty = git("status", "--porcelain", "--", "pad_moe_transformers", "examples", "benchmarks", ":!benchmarks/results")
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
 
 
