@@ -286,6 +286,14 @@ def test_frontier_table_runs_each_configuration_at_its_models_pick(tmp_path):
     with pytest.raises(SystemExit, match="partial"):
         argv = ["--table", "frontier", "--lr_report", str(lr_report), "--report_only", "--out", str(tmp_path / "f")]
         glue_quality.main(argv)
+    # once it has, the report names each configuration's learning rate per task
+    lr_report.write_text(json.dumps({"complete": True, "selection": {"complete": True, "picks": picks}}))
+    argv = ["--table", "frontier", "--lr_report", str(lr_report), "--report_only", "--out", str(tmp_path / "f"),
+            "--work_dir", str(tmp_path / "work"), "--reports_dir", str(tmp_path / "none")]  # fmt: skip
+    report = glue_quality.main(argv)
+    assert report["settings"]["learning_rate"] == "per variant"
+    md = (tmp_path / "f.md").read_text()
+    assert "lr per variant" in md and "static 5e-05 / 0.0001; moe 0.0002 / 0.0002; pad_k0.5 0.0001 / 0.0005;" in md
 
 
 def test_timed_table_reuses_only_runs_that_ran_alone(tmp_path, monkeypatch):

