@@ -224,7 +224,8 @@ def _ratio_pair(rows: Mapping[str, Mapping], tasks: Sequence[str], config: str, 
 def _score(row: Mapping, seeds: int) -> str:
     """`mean +- std`, with the seed count where a partial table has fewer seeds for this row than for others."""
     fewer = f" (n={row['n']})" if row["n"] < seeds else ""
-    return f"{row['score']:.2f} +- {row['std'] or 0:.2f}{fewer}"
+    spread = f" +- {row['std']:.2f}" if row["n"] > 1 else ""  # one seed has no spread (not a spread of 0)
+    return f"{row['score']:.2f}{spread}{fewer}"
 
 
 def glance(report: Mapping) -> str:
@@ -302,7 +303,7 @@ def markdown(report: Mapping) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for config, row in block["rows"].items():
-            score = f"{row['score']:.2f} +- {row['std'] or 0:.2f} (n={row['n']})" if "score" in row else "-"
+            score = _score(row, 0) + f" (n={row['n']})" if "score" in row else "-"
             params = f"{row['parameters'] / 1e6:.1f}M" if row.get("parameters") else "-"
             cells = []
             for cost, kind in zip(COSTS, KINDS):
