@@ -214,12 +214,8 @@ def test_lr_table_report_picks_each_models_best_rate_and_compares_there(tmp_path
     assert diff["pad - moe"]["rte"]["mean"] == pytest.approx(1.0)
     assert diff["pad - static"]["avg"]["mean"] == pytest.approx(2.0)
     assert report["stats"]["differences"] == {}  # no comparison at one fixed rate
-    settings = {"tasks": ["rte", "stsb"], "seeds": [42, 43, 44], "epochs": 3.0, "learning_rate": "per variant",
-                "batch_size": 32, "max_train_samples": "all", "max_steps": 0, "model": "m", "extra": [],
-                "parallel_runs": 2, "threads_per_run": 1, "smoke": False}  # fmt: skip
-    report.update(status="ok", complete=True, precision="bf16", device="cpu", git={"commit": "abc"}, runs=runs,
-                  settings=settings)  # fmt: skip
-    md = glue_report.markdown(table, report, glue_quality.MAIN_METRIC)
+    md = _markdown(table, report, runs, complete=True, tasks=["rte", "stsb"], seeds=[42, 43, 44],
+                   learning_rate="per variant", parallel_runs=2, threads_per_run=1)  # fmt: skip
     assert "| static | 5e-05 | 0.0005 |" in md and "| pad - moe |" in md and "lr per variant" in md
     assert "Complete: 72 runs." in md
     # an untimed table's runs shared the cores: no wall column, which would read as a cost
@@ -234,6 +230,17 @@ def test_lr_table_report_picks_each_models_best_rate_and_compares_there(tmp_path
                    runs=runs[:-2])  # fmt: skip
     partial_md = glue_report.markdown(table, partial, glue_quality.MAIN_METRIC)
     assert "**Partial**: 70 of 72 runs (2 still missing)." in partial_md
+
+
+def _markdown(table, report: dict, runs: list[dict], complete: bool, **settings) -> str:
+    """`report` (from `glue_report.build`) rendered once the fields `glue_quality.write` adds are filled in."""
+    import glue_report
+
+    settings = {"epochs": 3.0, "batch_size": 32, "max_train_samples": "all", "max_steps": 0, "model": "m", "extra": [],
+                "smoke": False, **settings}  # fmt: skip
+    report.update(status="ok", complete=complete, precision="bf16", device="cpu", git={"commit": "abc"}, runs=runs,
+                  settings=settings)  # fmt: skip
+    return glue_report.markdown(table, report, glue_quality.MAIN_METRIC)
 
 
 def test_a_diverged_run_counts_as_zero_not_as_missing():
@@ -253,12 +260,8 @@ def test_a_diverged_run_counts_as_zero_not_as_missing():
     assert report["stats"]["variants"]["static@0.0005"]["stsb"]["mean"] == pytest.approx(43.5)  # (87 + 0) / 2
     assert report["selection"]["picks"]["static"]["stsb"] == "static@0.0001"  # not the rate that diverged
     assert report["undefined_scores"] == ["stsb static@0.0005 seed 43"]
-    settings = {"tasks": ["stsb"], "seeds": [42, 43], "epochs": 3.0, "learning_rate": "per variant", "batch_size": 32,
-                "max_train_samples": "all", "max_steps": 0, "model": "m", "extra": [], "parallel_runs": 2,
-                "threads_per_run": 1, "smoke": False}  # fmt: skip
-    report.update(status="ok", complete=False, precision="bf16", device="cpu", git={"commit": "abc"}, runs=runs,
-                  settings=settings)  # fmt: skip
-    md = glue_report.markdown(table, report, glue_quality.MAIN_METRIC)
+    md = _markdown(table, report, runs, complete=False, tasks=["stsb"], seeds=[42, 43], learning_rate="per variant",
+                   parallel_runs=2, threads_per_run=1)  # fmt: skip
     assert "Diverged, scored 0: stsb static@0.0005 seed 43" in md
 
 
@@ -350,12 +353,8 @@ def test_host_probe_and_its_column_in_timed_reports():
     report = glue_report.build(table, runs, glue_quality.MAIN_METRIC, ["stsb"])
     assert report["per_variant"]["static"]["host_probe_ms"] == {"matmul_ms": 51.0, "memory_ms": 105.0}
     assert report["per_variant"]["moe"]["host_probe_ms"] is None
-    settings = {"tasks": ["stsb"], "seeds": [42], "epochs": 3.0, "learning_rate": 1e-4, "batch_size": 32,
-                "max_train_samples": "all", "max_steps": 0, "model": "m", "extra": [], "parallel_runs": 1,
-                "threads_per_run": 2, "smoke": False}  # fmt: skip
-    report.update(status="ok", complete=True, precision="bf16", device="cpu", git={"commit": "abc"}, runs=runs,
-                  settings=settings)  # fmt: skip
-    md = glue_report.markdown(table, report, glue_quality.MAIN_METRIC)
+    md = _markdown(table, report, runs, complete=True, tasks=["stsb"], seeds=[42], learning_rate=1e-4,
+                   parallel_runs=1, threads_per_run=2)  # fmt: skip
     assert "| wall/run (s) | host probe matmul / memory (ms) |" in md
     assert "| static | ? | 80.00 | 80.00 | 300 | 51.0 / 105 |" in md and "| moe | ? | 81.00 | 81.00 | 301 | - |" in md
     for run in runs:
