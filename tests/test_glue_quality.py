@@ -277,6 +277,8 @@ def test_frontier_table_runs_each_configuration_at_its_models_pick(tmp_path):
     assert set(table.variants) == {"static", "moe", "pad_k0.5", "pad_k0.1", "pad_neuron_k0.1", "pad_neuron_k0.3",
                                    "pad_neuron_k0.5"}  # fmt: skip
     assert _settings(table, "static", "rte")["learning_rate"] == 5e-5
+    # every configuration is compared with dense (paired), and PAD with the MoE
+    assert set(table.comparisons) == {("pad_k0.5", "moe")} | {(v, "static") for v in table.variants if v != "static"}
     neuron = _settings(table, "pad_neuron_k0.3", "stsb")
     assert neuron["learning_rate"] == 5e-4 and neuron["partition_granularity"] == "neuron"
     # PAD kappa 0.5 at PAD's pick is the lr table's run (reused)
