@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
 from _paths import ROOT  # noqa: E402
+from _provenance import commit_label  # noqa: E402
 
 _CHILD = r"""
 import gc, json, resource, sys
@@ -97,14 +98,6 @@ def measure(checkpoint: Path, tiny: Path, package_root: Path) -> dict:
     return row
 
 
-def _commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--", "pad_moe_transformers")
-    return git("rev-parse", "--short=10", "HEAD") + (" (dirty)" if dirty else "")
-
-
 def torch_version() -> str:
     return importlib.metadata.version("torch")
 
@@ -154,7 +147,7 @@ def main() -> None:
     result = {
         "benchmark": "peak RSS of from_pretrained of a compact PAD checkpoint (MiniLM, 8 experts, kappa 0.5, fp32)",
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-        "commit": _commit(),
+        "commit": commit_label(),
         "versions_installed": {"torch": torch_version(), "transformers": transformers_version()},
         "target": "load peak <= 1.2 * (model state bytes + checkpoint file bytes)",
         "versions": rows,

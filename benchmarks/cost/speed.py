@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig
 from transformers.integrations.moe import use_experts_implementation
@@ -46,6 +47,7 @@ from pad_moe_transformers.precision import native_bf16_available
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
 import _timing as timing  # noqa: E402
 from _paths import ROOT  # noqa: E402
+from _provenance import commit_label  # noqa: E402
 
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
 BATCH, SEQ = 32, 128
@@ -337,11 +339,13 @@ def main() -> None:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "torch": torch.__version__,
+            "transformers": transformers.__version__,
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
             "native_bf16": bf16_ok,
         },
         "setup": {
+            "commit": commit_label(),
             "batch": BATCH,
             "seq": SEQ,
             "num_experts": 8,

