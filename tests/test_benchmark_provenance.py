@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _provenance import commit_label  # noqa: E402  (benchmarks/ is not a package)
+from _provenance import commit_label, git_state  # noqa: E402  (benchmarks/ is not a package)
 
 
 def _git(root: Path, *args: str) -> None:
@@ -24,6 +24,9 @@ def test_commit_label_is_dirty_for_code_changes_not_for_result_files(tmp_path):
     _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     clean = commit_label(tmp_path)
     assert re.fullmatch(r"[0-9a-f]{10}", clean)
+    state = git_state(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{40}", state["commit"]) and state["commit"].startswith(clean)
+    assert state["dirty"] is False
     # a benchmark rewriting its result file, or an edited README, is not a code change
     (tmp_path / "benchmarks/results/speed.json").write_text("1\n")
     (tmp_path / "README.md").write_text("1\n")
@@ -34,3 +37,8 @@ def test_commit_label_is_dirty_for_code_changes_not_for_result_files(tmp_path):
     (tmp_path / "benchmarks/_helper.py").unlink()
     (tmp_path / "pad_moe_transformers/layer.py").write_text("1\n")
     assert commit_label(tmp_path) == clean + " (dirty)"
+
+
+def test_outside_a_checkout_the_commit_is_unknown(tmp_path):
+    assert git_state(tmp_path) == {"commit": None, "dirty": False}
+    assert commit_label(tmp_path) == "?"

@@ -49,6 +49,7 @@ from glue_tables import TABLE_ALIASES, Table, custom_table, get_table  # benchma
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
 from _paths import DEFAULT_GLUE_DIR, ROOT, portable_path, relative_path  # noqa: E402
+from _provenance import git_state  # noqa: E402
 from _timing import host_probe  # noqa: E402
 
 MAIN_METRIC = {
@@ -87,16 +88,6 @@ def resolve_precision(choice: str) -> tuple[str, list[str]]:
     if choice == "bf16":
         return "bf16 autocast (emulated: no native bf16 on this CPU)", ["--bf16", "--use_cpu"]
     return "fp32 (no native bf16 on this CPU)", []
-
-
-def git_commit() -> dict:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    # the result files are rewritten while a table runs: they do not make the code that ran dirty
-    dirty = git("status", "--porcelain", "--", "pad_moe_transformers", "examples", "benchmarks", ":!benchmarks/results")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
 
 
 def hub_reachable() -> bool:
@@ -396,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     default_reports = Path(args.work_dir) / "results" if args.smoke else ROOT / "benchmarks" / "results"
     args.reported = reported_runs(Path(args.reports_dir) if args.reports_dir else default_reports)
     args.precision, args.precision_args = resolve_precision(args.precision)
-    args.threads, args.git = max(1, (os.cpu_count() or 1) // args.parallel), git_commit()
+    args.threads, args.git = max(1, (os.cpu_count() or 1) // args.parallel), git_state()
     args.timed = table.timed
     if table.timed and args.parallel != 1 and not (args.report_only or args.in_process):
         raise SystemExit(f"--table {table.name} measures wall times: run it with --parallel 1 (one run at a time).")

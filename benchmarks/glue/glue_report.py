@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import glue_stats  # benchmarks/glue/glue_stats.py
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _provenance
+from _provenance import state_label  # noqa: E402
 
 
 def pairing_check(runs: Sequence[dict]) -> dict:
@@ -110,19 +114,13 @@ def select_best(table, scores: Mapping[str, Mapping[str, Mapping[int, float]]], 
     return {"picks": picks, "complete": complete, "stats": stats}
 
 
-def commit_label(git: Mapping | None) -> str:
-    """`<commit, 10 digits>[ (dirty)]` of a `{"commit", "dirty"}` record (`?` when unknown)."""
-    git = git or {}
-    return f"{(git.get('commit') or '?')[:10]}{' (dirty)' if git.get('dirty') else ''}"
-
-
 def provenance(runs: Sequence[dict], timed: bool = False) -> list[str]:
     """A line saying which commits and thread counts the runs themselves had: reused runs keep the commit they
     were run at, while the header gives the report writer's."""
     commits: dict[str, int] = defaultdict(int)
     layouts: dict[str, int] = defaultdict(int)
     for run in runs:
-        commits[commit_label(run.get("git"))] += 1
+        commits[state_label(run.get("git"))] += 1
         layouts[f"{run.get('threads', '?')} thread(s)"] += 1
     if not runs:
         return []
@@ -161,7 +159,7 @@ def markdown(table, report: dict, main_metric: Mapping[str, str]) -> str:
         + f", lr {_lr_label(s['learning_rate'])}, batch {s['batch_size']}, train rows: {s['max_train_samples']}; seeds "
         f"{', '.join(map(str, s['seeds']))}; precision: {report['precision']}; {report['device']}, "
         f"{s['parallel_runs']} run(s) at a time, {s['threads_per_run']} thread(s) each; commit "
-        f"{commit_label(git)}."
+        f"{state_label(git)}."
         + (" **Smoke run: tiny model, 3 steps; the numbers mean nothing.**" if s["smoke"] else ""),
         *provenance(report["runs"], timed),
         _run_count(len(report["runs"]), len(tasks) * len(table.variants) * len(s["seeds"]), report["complete"])

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
 from _paths import ROOT, portable_path  # noqa: E402
+from _provenance import git_state  # noqa: E402
 from _timing import median_time  # noqa: E402
 
 KINDS = ("plain", "pad")
@@ -163,16 +163,14 @@ def main() -> None:
         for kind in KINDS
         for runtime in RUNTIMES
     }
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    git = git_state()
     report = {
         "benchmark": "smoke run (tiny random BERT): proves the script, numbers meaningless"
         if args.smoke
         else "inference latency, MiniLM classifier plain vs PAD-MoE (8 experts, top-2, element kappa 0.5), "
         "PyTorch eager vs ONNX Runtime (CPU EP)",
-        "commit": commit.stdout.strip() or None,
-        "uncommitted_changes": bool(dirty),
+        "commit": git["commit"],
+        "uncommitted_changes": git["dirty"],
         "versions": versions(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         "setup": {

@@ -45,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _paths
 from _paths import DEFAULT_GLUE_DIR, ROOT  # noqa: E402
+from _provenance import git_state  # noqa: E402
 
 MALLOC = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
@@ -265,9 +266,7 @@ def main() -> None:
         "'mmap' rows use MALLOC_MMAP_THRESHOLD_=65536 (peak of live tensors, no heap fragmentation)",
         "targets": {"peak": "partition peak <= 1.2 x training step peak",
                     "time": "partition seconds <= 1.1 x passes x training step seconds"},
-        "commit": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip() or None,
+        "commit": git_state()["commit"],
         "versions": results,
         "note": before_after_note(results, args.baseline_ref),
     }
